@@ -1,0 +1,355 @@
+"""The evaluation path every detector shares.
+
+A detector subclass supplies its networks, its loss (``training_step``), and three small hooks:
+``predict`` (raw anomaly map and optional image score), ``calibration_step`` /
+``fit_calibration`` (statistics fitted on held-out normal images after training) and optionally
+``fit_pre_training_statistics``. This class does the rest, identically for every detector:
+upsampling maps to the evaluation size, collecting test results across processes, per-category
+and mean metrics (plus the logical/structural split on MVTec LOCO-style data), the run folder,
+W&B logging, the results table, and the throughput and memory figures.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from lightning_modules import metrics as M
+from lightning_modules import reporting
+
+KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
+
+
+@dataclass
+class DetectorOutput:
+    """What a detector's ``predict`` returns for a batch of images."""
+
+    anomaly_map: Tensor  # B×1×h×w, any resolution; larger = more anomalous
+    image_score: Tensor | None = None  # B; None → max of the evaluation-size map
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_samples(tensor: Tensor) -> Tensor:
+    """Concatenate per-sample tensors of all processes (uneven sizes allowed); identity on one process."""
+    if not _distributed():
+        return tensor
+    return torch.cat(gather_all_tensors(tensor.contiguous()), dim=0)
+
+
+class TestResultStore(Metric):
+    """Keeps every test image's score, label, map and mask, synchronised across processes.
+
+    One store instead of one torchmetrics object per (category, subset, metric): the maps are the
+    memory-heavy part, and here they are held once whatever the number of subsets reported.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__(sync_on_compute=True)
+        for name in ("indices", "scores", "labels", "maps", "masks", "has_mask", "regions", "saturation"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, indices, scores, labels, maps, masks, has_mask, regions=None, saturation=None) -> None:
+        self.indices.append(indices.long())
+        self.scores.append(scores.float())
+        self.labels.append(labels.long())
+        self.maps.append(maps.float())
+        self.masks.append(masks.to(torch.uint8))
+        self.has_mask.append(has_mask.bool())
+        if regions is not None:
+            self.regions.append(regions.to(torch.uint8))
+            self.saturation.append(saturation.float())
+
+    def compute(self) -> dict[str, Tensor]:
+        def cat(state):
+            if isinstance(state, Tensor):  # already concatenated by the distributed sync
+                return state
+            return torch.cat(state) if state else None
+
+        result = {name: cat(getattr(self, name)) for name in
+                  ("indices", "scores", "labels", "maps", "masks", "has_mask", "regions", "saturation")}
+        order = torch.argsort(result["indices"])  # the same order on one process or many
+        return {k: (v[order] if v is not None else None) for k, v in result.items()}
+
+
+class AnomalyDetector(LightningModule, ABC):
+    """Base LightningModule of every detector: the shared evaluation path (see module docstring)."""
+
+    #: init-arg overrides ``evaluate.py`` applies when rebuilding the module around a checkpoint:
+    #: the checkpoint already holds every weight, so nothing needs to be looked up or downloaded.
+    checkpoint_init_overrides: dict[str, Any] = {}
+
+    def __init__(self, max_maps_per_category: int = 6) -> None:
+        super().__init__()
+        self.max_maps_per_category = max_maps_per_category
+        self.test_store = TestResultStore()
+        self.weights_source = "n/a"
+        self.test_results: dict[str, Any] | None = None
+        self._calibration_outputs: list[dict[str, Tensor]] = []
+
+    # ------------------------------------------------------------------ detector hooks
+    @abstractmethod
+    def predict(self, images: Tensor) -> DetectorOutput:
+        """Anomaly map (and optionally image score) of a batch of [0, 1] RGB images, in eval mode."""
+
+    def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Per-sample tensors computed on held-out normal images; gathered for ``fit_calibration``."""
+        return {}
+
+    def fit_calibration(self, collected: dict[str, Tensor]) -> None:
+        """Fit post-training statistics (map quantiles, score z-statistics) from validation images."""
+
+    def fit_pre_training_statistics(self, dataloader: Iterable) -> None:
+        """Fit statistics the training needs first (e.g. feature standardisation); default none."""
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts about the run a reader of metrics.json needs (weights used, fitted-statistics status)."""
+        return {"detector": type(self).__name__, "weights_source": self.weights_source}
+
+    # ------------------------------------------------------------------ utilities for detectors
+    @torch.no_grad()
+    def collect(self, dataloader: Iterable, fn: Callable[[dict[str, Any]], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Run ``fn`` on every batch in eval mode (under the trainer's precision) and gather across ranks."""
+        was_training = self.training
+        self.eval()
+        outputs: list[dict[str, Tensor]] = []
+        forward_context = self.trainer.precision_plugin.forward_context() if self._trainer else _null()
+        for batch in dataloader:
+            batch = self._to_device(batch)
+            with forward_context:
+                outputs.append({k: _as_float(v) for k, v in fn(batch).items()})
+        self.train(was_training)
+        return self._concat_and_gather(outputs)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+    @staticmethod
+    def _concat_and_gather(outputs: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        keys = outputs[0].keys() if outputs else []
+        local = {k: torch.cat([o[k] for o in outputs]) for k in keys}
+        return {k: gather_samples(v) for k, v in local.items()}
+
+    # ------------------------------------------------------------------ training-time hooks
+    def on_train_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.fit_pre_training_statistics(datamodule.statistics_dataloader())
+
+    def on_validation_epoch_start(self) -> None:
+        self._calibration_outputs = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        outputs = self.calibration_step(batch)
+        self._calibration_outputs.append({k: v.detach().float() for k, v in outputs.items()})
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self._calibration_outputs:
+            return
+        collected = self._concat_and_gather(self._calibration_outputs)
+        self._calibration_outputs = []
+        self.fit_calibration(collected)
+
+    # ------------------------------------------------------------------ testing
+    def evaluation_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Anomaly map at the input resolution (B×H×W, float32) and image score (B)."""
+        output = self.predict(images)
+        anomaly_map = output.anomaly_map.float()
+        if anomaly_map.shape[-2:] != images.shape[-2:]:
+            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        anomaly_map = anomaly_map[:, 0]
+        score = output.image_score.float() if output.image_score is not None else anomaly_map.amax(dim=(-2, -1))
+        return anomaly_map, score
+
+    def on_test_epoch_start(self) -> None:
+        self.test_store.reset()
+        self._display_candidates: dict[str, list[tuple[float, reporting.MapSample]]] = {}
+        self._model_seconds = 0.0
+        self._images_seen = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        anomaly_map, score = self.evaluation_map(images)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._model_seconds += time.perf_counter() - start
+        self._images_seen += images.shape[0]
+        self.test_store.update(
+            batch["index"], score, batch["label"], anomaly_map, batch["mask"][:, 0], batch["has_mask"],
+            batch.get("regions"), batch.get("region_saturation"),
+        )
+        self._keep_display_candidates(batch, anomaly_map, score)
+
+    def _keep_display_candidates(self, batch, anomaly_map: Tensor, score: Tensor) -> None:
+        """Keep, per category, the highest-scoring anomalous and normal images for the maps/ folder."""
+        limit = self.max_maps_per_category
+        if limit <= 0:
+            return
+        for i in range(anomaly_map.shape[0]):
+            label = int(batch["label"][i])
+            key = f"{batch['category'][i]}/{label}"
+            candidates = self._display_candidates.setdefault(key, [])
+            cap = limit - limit // 3 if label else max(1, limit // 3)
+            value = float(score[i])
+            if len(candidates) >= cap and value <= candidates[-1][0]:
+                continue
+            sample = reporting.MapSample(
+                image=batch["image"][i].float().permute(1, 2, 0).cpu().numpy(),
+                mask=batch["mask"][i, 0].float().cpu().numpy(),
+                anomaly_map=anomaly_map[i].cpu().numpy(),
+                path=batch["path"][i], category=batch["category"][i], defect_type=batch["defect_type"][i],
+                label=label, score=value,
+            )
+            candidates.append((value, sample))
+            candidates.sort(key=lambda item: -item[0])
+            del candidates[cap:]
+
+    def on_test_epoch_end(self) -> None:
+        results = self.test_store.compute()
+        datamodule = self.trainer.datamodule
+        records = datamodule.records("test")
+        table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
+        score_rows = score_table(results, records)
+        samples = self._gather_display_samples()
+        vmin, vmax = display_range(results["maps"])
+        info = {**self.run_info(), **self._speed_and_memory(), "test_images": int(results["scores"].numel())}
+        self.test_results = {"table": table, "scores": score_rows, "run_info": info}
+        for key, value in table.flat("test").items():
+            self.log(key, value, rank_zero_only=True, sync_dist=False)
+        if self.trainer.is_global_zero:
+            out = Path(self.trainer.default_root_dir)
+            reporting.write_metrics_json(out / "metrics.json", table, info)
+            reporting.write_scores_csv(out / "scores.csv", score_rows)
+            reporting.save_map_panels(out / "maps", samples, vmin, vmax)
+            for logger in self.loggers:
+                if isinstance(logger, WandbLogger):
+                    reporting.log_results_to_wandb(logger, table, score_rows, samples, vmin, vmax)
+        self.test_store.reset()
+
+    def _gather_display_samples(self) -> list[reporting.MapSample]:
+        local = [s for cands in self._display_candidates.values() for _, s in cands]
+        if _distributed():
+            everyone: list[list[reporting.MapSample]] = [None] * torch.distributed.get_world_size()  # type: ignore
+            torch.distributed.all_gather_object(everyone, local)
+            local = [s for part in everyone for s in part]
+        limit = self.max_maps_per_category
+        chosen: list[reporting.MapSample] = []
+        for key in sorted({(s.category, s.label) for s in local}):
+            group = sorted((s for s in local if (s.category, s.label) == key), key=lambda s: -s.score)
+            chosen += group[: (limit - limit // 3) if key[1] else max(1, limit // 3)]
+        return chosen
+
+    def _speed_and_memory(self) -> dict[str, float]:
+        seconds = max(self._model_seconds, 1e-9)
+        info = {"model_throughput_img_per_s": self._images_seen / seconds, "device": str(self.device)}
+        if self.device.type == "cuda":
+            info["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        info["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return info
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["weights_source"] = self.weights_source
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.weights_source = checkpoint.get("weights_source", self.weights_source)
+
+
+def _as_float(tensor: Tensor) -> Tensor:
+    """Detach; float64 stays float64 (sums for statistics), anything else becomes float32."""
+    return tensor.detach().double() if tensor.dtype == torch.float64 else tensor.detach().float()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------- result tables
+METRIC_ORDER = ("image_AUROC", "image_AP", "image_F1max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "pixel_sPRO")
+
+
+def _subset_metrics(scores, labels, maps=None, masks=None, regions=None, saturation=None) -> dict[str, float]:
+    """All metrics of one subset of test images (already selected)."""
+    values: dict[str, float] = {}
+    both_classes = labels.min() == 0 and labels.max() == 1
+    image_metrics = {"image_AUROC": M.image_auroc, "image_AP": M.image_ap, "image_F1max": M.image_f1max}
+    for name, fn in image_metrics.items():
+        values[name] = float(fn(scores, labels)) if both_classes else float("nan")
+    if maps is None:
+        return values
+    pixel_positive = masks.any()
+    values["pixel_AUROC"] = float(M.pixel_auroc(maps, masks)) if pixel_positive else float("nan")
+    values["pixel_AP"] = float(M.pixel_ap(maps, masks)) if pixel_positive else float("nan")
+    values["pixel_AUPRO"] = float(M.aupro(maps, masks)) if pixel_positive else float("nan")
+    if regions is not None:
+        values["pixel_sPRO"] = float(M.spro(maps, regions, saturation, labels == 0)) if pixel_positive else float("nan")
+    return values
+
+
+def compute_metrics_table(results: dict[str, Tensor], records, with_kinds: bool) -> reporting.MetricsTable:
+    """Per-category metrics (all images; and good+logical / good+structural where the data has kinds) and means."""
+    categories = np.array([records[i].category for i in results["indices"].tolist()])
+    kinds = np.array([records[i].anomaly_kind for i in results["indices"].tolist()])
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    subsets = ["all"] + (["logical", "structural"] if with_kinds else [])
+    for category in sorted(set(categories.tolist())):
+        in_category = categories == category
+        for subset in subsets:
+            chosen = in_category & ((kinds == "good") | (kinds == subset) if subset != "all" else True)
+            index = torch.from_numpy(np.flatnonzero(chosen))
+            if index.numel() == 0:
+                continue
+            pixel_ok = bool(results["has_mask"][index].all())
+            rows[(category, subset)] = _subset_metrics(
+                results["scores"][index], results["labels"][index],
+                results["maps"][index] if pixel_ok else None,
+                results["masks"][index] if pixel_ok else None,
+                results["regions"][index] if results["regions"] is not None and pixel_ok else None,
+                results["saturation"][index] if results["saturation"] is not None and pixel_ok else None,
+            )
+    rows.update(reporting.compute_mean_rows(rows))
+    return reporting.MetricsTable(rows=rows)
+
+
+def score_table(results: dict[str, Tensor], records) -> list[dict[str, Any]]:
+    rows = []
+    for index, score, label in zip(results["indices"].tolist(), results["scores"].tolist(), results["labels"].tolist()):
+        record = records[index]
+        rows.append({"path": str(record.image_path), "category": record.category, "defect_type": record.defect_type,
+                     "anomaly_kind": record.anomaly_kind, "label": int(label), "score": float(score)})
+    return rows
+
+
+def display_range(maps: Tensor, max_values: int = 1_000_000) -> tuple[float, float]:
+    """A fixed colour scale for every displayed map: robust 1st..99.9th percentile of all test pixels."""
+    values = maps.flatten()
+    if values.numel() > max_values:
+        generator = torch.Generator().manual_seed(0)
+        values = values[torch.randint(values.numel(), (max_values,), generator=generator)]
+    low, high = torch.quantile(values.float(), torch.tensor([0.01, 0.999])).tolist()
+    return float(low), float(high if high > low else low + 1e-6)

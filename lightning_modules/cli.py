@@ -1,0 +1,154 @@
+"""The command line shared by ``train.py`` and ``evaluate.py``.
+
+LightningCLI in instantiation-only mode (``run=False``) gives ``python train.py --config x.yaml``
+with no subcommand and dotted overrides (``--model.init_args.alpha_local=0``); the scripts call
+fit/validate/test themselves. This class adds the run folder, the loggers (W&B offline unless
+credentials exist, plus a CSV log for people without W&B) and the checkpoint callbacks.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from datamodules.datamodule import AnomalyDataModule
+from lightning_modules.base import AnomalyDetector
+
+RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def _is_ddp_child() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:80] or "run"
+
+
+def resolve_run_dir(output_root: str, name: str, resume: bool, explicit: str | None) -> Path:
+    """The run folder: deterministic from the config, versioned (`_v2`, ...) instead of overwriting.
+
+    Rank 0 decides and exports it; DDP children (which re-run the command line) read it back, so every
+    process writes to the same folder even though the folder exists by the time they start.
+    """
+    if explicit:
+        return Path(explicit)
+    if _is_ddp_child() and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    base = Path(output_root) / name
+    versions = [base] + [base.with_name(f"{base.name}_v{i}") for i in range(2, 1000)]
+    existing = [path for path in versions if path.exists() and any(path.iterdir())]
+    if resume:
+        if not existing:
+            raise FileNotFoundError(f"--run.resume: no earlier run folder {base} to resume from")
+        chosen = existing[-1]
+    else:
+        chosen = next(path for path in versions if not (path.exists() and any(path.iterdir())))
+    os.environ[RUN_DIR_ENV] = str(chosen)
+    return chosen
+
+
+class AnomalyCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        self.run_dir: Path | None = None
+        self.resume_checkpoint: str | None = None
+        super().__init__(
+            model_class=AnomalyDetector,
+            subclass_mode_model=True,
+            datamodule_class=AnomalyDataModule,
+            run=False,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run.output_root", type=str, default="runs", help="Parent folder of run folders.")
+        parser.add_argument("--run.name", type=str | None, default=None,
+                            help="Run folder name; default <detector>_<layout>_<categories>.")
+        parser.add_argument("--run.dir", type=str | None, default=None, help="Exact output folder (no versioning).")
+        parser.add_argument("--run.resume", type=bool, default=False,
+                            help="Continue the latest run of this name from its last checkpoint.")
+        parser.add_argument("--run.test", type=bool, default=True, help="Test after training.")
+        parser.add_argument("--run.checkpoint_every_n_steps", type=int | None, default=None,
+                            help="Also checkpoint within epochs (long epochs on real data).")
+        parser.add_argument("--wandb.mode", type=str, default="auto",
+                            help="auto (online with credentials, else offline) | online | offline | disabled")
+        parser.add_argument("--wandb.project", type=str, default="anomaly-lab")
+        parser.add_argument("--wandb.group", type=str | None, default=None)
+        parser.add_argument("--wandb.tags", type=list[str], default=[])
+
+    # -------------------------------------------------------------- run folder
+    def default_run_name(self) -> str:
+        config = self.config
+        detector = str(config.model.class_path).rsplit(".", 1)[-1]
+        categories = config.data.categories
+        categories = "-".join(categories) if isinstance(categories, (list, tuple)) else str(categories)
+        return _slug(f"{detector}_{config.data.layout}_{categories}")
+
+    def before_instantiate_classes(self) -> None:
+        run = self.config.run
+        self.run_dir = resolve_run_dir(run.output_root, run.name or self.default_run_name(), run.resume, run.dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.trainer.default_root_dir = str(self.run_dir)
+        if run.resume:
+            last = self.run_dir / "checkpoints" / "last.ckpt"
+            if not last.exists():
+                raise FileNotFoundError(f"--run.resume: {last} does not exist")
+            self.resume_checkpoint = str(last)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        assert self.run_dir is not None
+        checkpoint_dir = self.run_dir / "checkpoints"
+        callbacks = list(self.config_init.trainer.get("callbacks") or [])
+        callbacks += [
+            ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                            every_n_train_steps=self.config.run.checkpoint_every_n_steps),
+            OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="last"),
+        ]
+        if not any(isinstance(c, RichProgressBar) for c in callbacks) and self.config.trainer.enable_progress_bar is not False:
+            callbacks.append(RichProgressBar())
+        return super().instantiate_trainer(callbacks=callbacks, logger=self._loggers(), **kwargs)
+
+    def _loggers(self) -> list:
+        loggers: list = [CSVLogger(save_dir=str(self.run_dir), name="csv", version="")]
+        mode = self.config.wandb.mode
+        if mode == "disabled":
+            return loggers
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+        if mode == "offline":
+            rank_zero_warn("W&B runs offline (no credentials); `wandb sync` the run folder later to upload.")
+        loggers.append(WandbLogger(
+            save_dir=str(self.run_dir), project=self.config.wandb.project, group=self.config.wandb.group,
+            tags=list(self.config.wandb.tags), name=self.run_dir.name, offline=(mode == "offline"),
+            config=self.config.as_dict() if hasattr(self.config, "as_dict") else None,
+        ))
+        return loggers
+
+    def save_resolved_config(self) -> Path:
+        """Write the fully resolved config next to the results (rank 0 only)."""
+        assert self.run_dir is not None
+        path = self.run_dir / "config.yaml"
+        if self.trainer.is_global_zero:
+            self.parser.save(self.config, path, skip_none=False, overwrite=True, skip_check=True)
+        return path

@@ -1,0 +1,327 @@
+"""Frozen timm backbones: input normalisation, weight resolution and multi-layer feature extraction.
+
+Weights resolve in a fixed order (DESIGN.md, "Contracts worth keeping"): an explicit local file,
+then the Hugging Face / torch-hub cache, then a download. Whatever was used is recorded as a
+human-readable `source` string so a run can report it; nothing is silently random.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import einops
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# How long the reachability probe waits before declaring the download host unreachable. The
+# Hugging Face client itself retries for ~45 s on a machine without network; the probe avoids that.
+DOWNLOAD_PROBE_TIMEOUT_S = 3.0
+
+Pretrained = bool | str
+
+
+class ImageNetNormalize(nn.Module):
+    """(x - mean) / std with ImageNet statistics, for images in [0, 1].
+
+    The buffers are not persistent: they are constants, and keeping them out of the state dict
+    lets weight files written by other code bases load without extra keys. (ULSAD adds 1e-11 to
+    std; in float32 that is below the precision of 0.224, so it is left out.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------------------------
+# Weight resolution
+# --------------------------------------------------------------------------------------------
+
+
+def _is_offline() -> bool:
+    """Offline when the user said so through the Hugging Face environment variables."""
+    from huggingface_hub import constants as hf_constants
+
+    env_flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return hf_constants.is_offline_mode() or env_flag.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def unwrap_state_dict(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
+    """Return the tensor mapping inside common checkpoint containers, minus a shared wrapper prefix.
+
+    Accepts a bare state dict, {"state_dict": ...} (Lightning) or {"model": ...}, and strips a
+    "module." (DDP) or "model." prefix when every key carries it.
+    """
+    while isinstance(checkpoint, Mapping):
+        nested = next(
+            (checkpoint[key] for key in ("state_dict", "model") if isinstance(checkpoint.get(key), Mapping)),
+            None,
+        )
+        if nested is None:
+            break
+        checkpoint = nested
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{source} does not hold a state dict (found {type(checkpoint).__name__}).")
+    state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
+    if not state_dict:
+        raise ValueError(f"{source} holds no tensors; expected a state dict of model weights.")
+    for prefix in ("module.", "model."):
+        if all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a `.pth`/`.pt`/`.bin` (torch pickle, tensors only) or `.safetensors` weight file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Weights file not found: {path}")
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"Weights file {path} has suffix {path.suffix!r}; expected one of {WEIGHT_FILE_SUFFIXES}.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        checkpoint = load_file(str(path), device="cpu")
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError or RuntimeError here
+            raise ValueError(
+                f"Could not read {path} as a tensors-only checkpoint ({error}). Save plain weights "
+                "with torch.save(model.state_dict(), path) or safetensors."
+            ) from error
+    return unwrap_state_dict(checkpoint, source=str(path))
+
+
+def _cached_weights_file(model_name: str) -> tuple[Path, str] | None:
+    """Find the model's pretrained weights in the local HF-hub or torch-hub cache, without network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    if pretrained_cfg is None:
+        return None
+    hf_hub_id = pretrained_cfg.hf_hub_id
+    if hf_hub_id:
+        filenames = [pretrained_cfg.hf_hub_filename] if pretrained_cfg.hf_hub_filename else []
+        for filename in filenames + ["model.safetensors", "pytorch_model.bin"]:
+            cached = try_to_load_from_cache(hf_hub_id, filename)
+            if isinstance(cached, str) and Path(cached).is_file():
+                return Path(cached), f"hf-hub:{hf_hub_id}"
+    if pretrained_cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(pretrained_cfg.url).path).name
+        if cached.is_file():
+            return cached, f"torch-hub:{cached}"
+    return None
+
+
+def _describe_cache_locations(model_name: str) -> list[str]:
+    """Where the cache lookup looked, for the error message."""
+    from huggingface_hub import constants as hf_constants
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    places = []
+    if pretrained_cfg is not None and pretrained_cfg.hf_hub_id:
+        places.append(f"Hugging Face cache {hf_constants.HF_HUB_CACHE} (repo {pretrained_cfg.hf_hub_id})")
+    if pretrained_cfg is not None and pretrained_cfg.url:
+        places.append(f"torch-hub cache {Path(torch.hub.get_dir()) / 'checkpoints'} ({pretrained_cfg.url})")
+    return places
+
+
+def _download_weights(model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Download through timm after a short reachability probe, so a machine without network fails fast."""
+    from huggingface_hub import constants as hf_constants
+
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    if pretrained_cfg is None or not (pretrained_cfg.hf_hub_id or pretrained_cfg.url):
+        raise RuntimeError(f"timm has no pretrained weights registered for {model_name!r}")
+    if pretrained_cfg.hf_hub_id:
+        host = urlparse(hf_constants.ENDPOINT).hostname
+        location = f"hf-hub:{pretrained_cfg.hf_hub_id}"
+    else:
+        host = urlparse(pretrained_cfg.url).hostname
+        location = f"url:{pretrained_cfg.url}"
+    try:
+        socket.create_connection((host, 443), timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        raise RuntimeError(f"{host} is unreachable ({error})") from error
+    model = timm.create_model(model_name, pretrained=True)
+    return model.state_dict(), f"download:{location}"
+
+
+def resolve_pretrained_weights(
+    model_name: str, pretrained: Pretrained, weights_file: str | os.PathLike | None = None
+) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Find weights for a timm model: local file, then cache, then download.
+
+    Returns (state_dict or None for random weights, human-readable source). `pretrained` is
+    True (fail clearly when nothing is found), "auto" (fall back to random weights with a loud
+    warning) or False (random weights, no lookup). A `weights_file` that does not exist is an
+    error in every mode, because the user named it explicitly.
+    """
+    if not (isinstance(pretrained, bool) or pretrained == "auto"):
+        raise ValueError(f"pretrained must be True, False or 'auto', got {pretrained!r}")
+    if pretrained is False:
+        if weights_file is not None:
+            raise ValueError(
+                f"pretrained=False asks for random weights but weights_file={weights_file!s} was given; "
+                "set pretrained to True or 'auto' to load the file, or drop weights_file."
+            )
+        return None, "random (pretrained=False)"
+
+    if weights_file is not None:
+        path = Path(weights_file).expanduser().resolve()
+        return load_weights_file(path), f"file:{path}"
+
+    tried: list[str] = []
+    cached = _cached_weights_file(model_name)
+    if cached is not None:
+        path, location = cached
+        return timm.models.load_state_dict(str(path)), f"cache:{location}"
+    tried += [f"{place}: not present" for place in _describe_cache_locations(model_name)]
+    if not tried:
+        tried.append(f"timm has no pretrained weights registered for {model_name!r}")
+
+    if _is_offline():
+        tried.append("download: skipped (HF_HUB_OFFLINE is set)")
+    elif timm.models.get_pretrained_cfg(model_name) is not None:
+        try:
+            return _download_weights(model_name)
+        except Exception as error:  # any download failure is reported with the rest below
+            tried.append(f"download: failed ({type(error).__name__}: {error})")
+
+    message = (
+        f"No pretrained weights found for timm model {model_name!r}. Tried:\n  - "
+        + "\n  - ".join(tried)
+        + "\nSupply a local file with weights_file=/path/to/weights.pth (.pth, .pt, .bin or .safetensors; "
+        "e.g. the model.safetensors of the Hugging Face repo above), put the weights into the cache "
+        "on a machine with network, or use pretrained='auto' / False for random weights."
+    )
+    if pretrained is True:
+        raise RuntimeError(message)
+    warnings.warn(f"{message}\nFalling back to RANDOM weights (pretrained='auto').", stacklevel=2)
+    logger.warning("RANDOM backbone weights for %s: no pretrained weights found (pretrained='auto').", model_name)
+    return None, "random (fallback: no weights found)"
+
+
+def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load full-model weights into a (possibly truncated) features-only model.
+
+    Keys the model lacks (classifier, unused later stages) are dropped; keys the model needs
+    but the weights lack, or shape mismatches, are errors that name the source.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    mismatched = [
+        f"{key}: model {tuple(expected[key].shape)} vs weights {tuple(state_dict[key].shape)}"
+        for key in expected
+        if key in state_dict and expected[key].shape != state_dict[key].shape
+    ]
+    if missing or mismatched:
+        raise ValueError(
+            f"Weights from {source} do not fit this backbone: "
+            f"{len(missing)} missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+            f"{len(mismatched)} shape mismatches {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}."
+        )
+    model.load_state_dict({key: state_dict[key] for key in expected}, strict=True)
+
+
+# Kept under the name ARCHITECTURE.md uses for the resolution step.
+resolve_weights = resolve_pretrained_weights
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------------------------
+
+
+def layer_indices(model_name: str, layers: Sequence[str]) -> list[int]:
+    """Map timm feature module names (e.g. "layer2" for ResNets) to `out_indices`."""
+    try:
+        with torch.device("meta"):  # only the feature_info is needed: no memory, no init cost
+            probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    except (NotImplementedError, RuntimeError):  # an architecture whose init needs real tensors
+        probe = timm.create_model(model_name, features_only=True, pretrained=False)
+    names = probe.feature_info.module_name()
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        raise ValueError(f"Unknown layer(s) {unknown} for {model_name!r}; valid feature layers are {names}.")
+    return [names.index(layer) for layer in layers]
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen timm `features_only` backbone that returns the named layers' maps.
+
+    Input: images in [0, 1] (B×3×H×W); ImageNet normalisation happens inside. Always in eval
+    mode with no gradients, so its BatchNorm statistics never change. Output: a list of maps in
+    the order of `layers`, with `.channels` and `.reductions` (strides) alongside.
+    """
+
+    def __init__(
+        self,
+        name: str = "wide_resnet50_2.racm_in1k",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pretrained: Pretrained = True,
+        weights_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.layers = list(layers)
+        indices = layer_indices(name, self.layers)
+        state_dict, self.weights_source = resolve_pretrained_weights(name, pretrained, weights_file)
+        # timm returns maps in ascending index order; remember how to put them in `layers` order.
+        self._order = [sorted(indices).index(index) for index in indices]
+        self.model = timm.create_model(name, features_only=True, pretrained=False, out_indices=sorted(indices))
+        if state_dict is not None:
+            load_backbone_state_dict(self.model, state_dict, self.weights_source)
+        logger.info("Backbone %s %s: weights from %s", name, self.layers, self.weights_source)
+        channels, reductions = self.model.feature_info.channels(), self.model.feature_info.reduction()
+        self.channels = [channels[position] for position in self._order]
+        self.reductions = [reductions[position] for position in self._order]
+        self.normalize = ImageNetNormalize()
+        self.model.to(memory_format=torch.channels_last)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Stay in eval mode whatever the parent asks: the backbone is frozen."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        normalized = self.normalize(images).contiguous(memory_format=torch.channels_last)
+        features = self.model(normalized)
+        return [features[position] for position in self._order]
+
+
+def fuse_features(layer2: torch.Tensor, layer3: torch.Tensor, out_channels: int = 384) -> torch.Tensor:
+    """Upsample `layer3` to `layer2`'s size (bilinear), concatenate, average channel groups to `out_channels`.
+
+    `adaptive_avg_pool1d` over the channel axis: with 512+1024 input channels and 384 outputs,
+    output channel j is the mean of input channels 4j..4j+3 (ULSAD §1, PUAD teacher target).
+    Computed in float32 so the averaged features keep their precision under bf16 autocast.
+    """
+    layer2, layer3 = layer2.float(), layer3.float()
+    height, width = layer2.shape[-2:]
+    upsampled = F.interpolate(layer3, size=(height, width), mode="bilinear", align_corners=False)
+    stacked = torch.cat([layer2, upsampled], dim=1)
+    signals = einops.rearrange(stacked, "b c h w -> (b h w) 1 c")
+    pooled = F.adaptive_avg_pool1d(signals, out_channels)
+    return einops.rearrange(pooled, "(b h w) 1 c -> b c h w", b=layer2.shape[0], h=height, w=width)

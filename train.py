@@ -1,0 +1,53 @@
+"""Train a detector, calibrate it on held-out normal images, then test it.
+
+    python train.py --config configs/quickstart.yaml [--model.init_args.alpha_local=0 ...]
+
+Writes the run folder (config.yaml, checkpoints/, metrics.json, scores.csv, maps/, csv/ and wandb/).
+``--run.resume=true`` continues the latest run of the same name from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from lightning_modules import reporting
+from lightning_modules.cli import AnomalyCLI
+
+
+def train(args: list[str] | None = None) -> dict[str, Any]:
+    """Fit → calibrate on the validation split → save final.ckpt → test. Returns the test results."""
+    cli = AnomalyCLI(args=args)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    try:
+        cli.save_resolved_config()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.resume_checkpoint)
+        # Calibration (quantiles, z-statistics, ...) on the final weights, whatever the validation cadence.
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        final_checkpoint = cli.run_dir / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final_checkpoint)
+        results: dict[str, Any] = {"run_dir": cli.run_dir, "checkpoint": final_checkpoint}
+        if cli.config.run.test:
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            results.update(model.test_results or {})
+            if trainer.is_global_zero:
+                reporting.print_results_table(results["table"], title=f"Test results — {cli.run_dir}",
+                                              console=Console())
+        return results
+    finally:
+        _finish_wandb(trainer)
+
+
+def _finish_wandb(trainer) -> None:
+    """Close the W&B run even after a crash, so the next run of a sweep starts clean."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+
+
+if __name__ == "__main__":
+    train()
