@@ -9,7 +9,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from datamodules.records import SampleRecord
@@ -51,7 +51,12 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as mask:
             values = np.asarray(mask)
-    except Exception as error:  # noqa: BLE001
+    except UnidentifiedImageError:  # e.g. a float TIFF, which OpenCV reads
+        data = np.fromfile(str(path), dtype=np.uint8)
+        values = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if values is None:
+            raise DatasetError(f"{path}: cannot be read as a mask") from None
+    except Exception as error:
         raise DatasetError(f"{path}: cannot be read as a mask ({error})") from error
     return values.max(axis=2) if values.ndim == 3 else values
 
@@ -62,7 +67,12 @@ def _dominant_value(values: np.ndarray) -> int | None:
 
 
 def region_saturation(
-    region_area: int, threshold: float, relative: bool, image_size: int, original_height: int, original_width: int
+    region_area: int,
+    threshold: float,
+    relative: bool,
+    image_size: int,
+    original_height: int,
+    original_width: int,
 ) -> float:
     """Saturation (in pixels at image_size x image_size) of one LOCO region, for sPRO.
 
@@ -111,13 +121,19 @@ class AnomalyDataset(Dataset):
         self.synthesis = synthesis
         self.augment = augment
         self.defects_configs = dict(defects_configs) if defects_configs is not None else None
-        self.resize = A.Resize(self.image_size, self.image_size, interpolation=cv2.INTER_LINEAR,
-                               mask_interpolation=cv2.INTER_NEAREST)
+        self.resize = A.Resize(
+            self.image_size,
+            self.image_size,
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+        )
         self.max_regions = max([1] + [len(r.mask_paths) for r in self.records])
         if self.defects_configs is not None:
             missing = sorted({r.category for r in self.records if r.mask_paths} - set(self.defects_configs))
             if missing:
-                raise DatasetError(f"no defects config for categor{'y' if len(missing) == 1 else 'ies'} {missing}")
+                raise DatasetError(
+                    f"no defects config for categor{'y' if len(missing) == 1 else 'ies'} {missing}"
+                )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -128,8 +144,13 @@ class AnomalyDataset(Dataset):
             return np.random.default_rng([stream, index])
         return np.random.default_rng([EVAL_SYNTHESIS_SEED, index])
 
-    def _regions(self, record: SampleRecord, binary_masks: np.ndarray, values: list[int | None],
-                 original_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _regions(
+        self,
+        record: SampleRecord,
+        binary_masks: np.ndarray,
+        values: list[int | None],
+        original_shape: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.image_size
         regions = np.zeros((self.max_regions, size, size), dtype=np.uint8)
         saturation = np.zeros(self.max_regions, dtype=np.float32)
@@ -166,7 +187,9 @@ class AnomalyDataset(Dataset):
             resized = self.augment(**resized) if binary else self.augment(image=resized["image"])
         image = np.ascontiguousarray(resized["image"], dtype=np.float32)
         size = self.image_size
-        masks = np.asarray(resized["masks"], dtype=np.uint8) if binary else np.zeros((0, size, size), np.uint8)
+        masks = (
+            np.asarray(resized["masks"], dtype=np.uint8) if binary else np.zeros((0, size, size), np.uint8)
+        )
         union = masks.max(axis=0) if len(masks) else np.zeros((size, size), np.uint8)
 
         item = {
@@ -182,8 +205,12 @@ class AnomalyDataset(Dataset):
         }
         if self.synthesis is not None:
             synthetic, synthetic_mask = self.synthesis(image, self._synthesis_rng(index))
-            item["synthetic_image"] = torch.from_numpy(np.ascontiguousarray(synthetic.transpose(2, 0, 1), np.float32))
+            item["synthetic_image"] = torch.from_numpy(
+                np.ascontiguousarray(synthetic.transpose(2, 0, 1), np.float32)
+            )
             item["synthetic_mask"] = torch.from_numpy(np.asarray(synthetic_mask, np.float32))[None]
         if self.defects_configs is not None:
-            item["regions"], item["region_saturation"] = self._regions(record, masks, grey_values, original_shape)
+            item["regions"], item["region_saturation"] = self._regions(
+                record, masks, grey_values, original_shape
+            )
         return item

@@ -83,7 +83,6 @@ class _MaskIndex:
 
     def __init__(self, folder: Path, extensions: tuple[str, ...], suffixes: tuple[str, ...]):
         self.folder = folder
-        self.suffixes = suffixes
         self.by_stem: dict[str, Path] = {}
         files = [p for p in list_images(folder) if p.suffix.lower() in extensions]
         for suffix in reversed(suffixes):  # earlier suffixes win
@@ -105,18 +104,27 @@ class _MaskIndex:
 # ---------------------------------------------------------------------------- one scanner per layout
 
 
-def _scan_mvtec_style(category_dir: Path, category: str, suffixes: tuple[str, ...],
-                      mask_extensions: tuple[str, ...], masks_optional: bool = False) -> list[SampleRecord]:
+def _scan_mvtec_style(
+    category_dir: Path,
+    category: str,
+    suffixes: tuple[str, ...],
+    mask_extensions: tuple[str, ...],
+    masks_optional: bool = False,
+) -> list[SampleRecord]:
     records = _normal(category_dir / "train" / "good", category, "train")
     records += _normal(category_dir / "test" / "good", category, "test")
     for defect_dir in _subfolders(category_dir / "test"):
         if defect_dir.name == "good":
             continue
         ground_truth = category_dir / "ground_truth" / defect_dir.name
-        masks_for = None if masks_optional and not ground_truth.is_dir() else _MaskIndex(
-            ground_truth, mask_extensions, suffixes
+        masks_for = (
+            None
+            if masks_optional and not ground_truth.is_dir()
+            else _MaskIndex(ground_truth, mask_extensions, suffixes)
         )
-        records += _records(list_images(defect_dir), category, "test", 1, defect_dir.name, "anomaly", masks_for)
+        records += _records(
+            list_images(defect_dir), category, "test", 1, defect_dir.name, "anomaly", masks_for
+        )
     return records
 
 
@@ -138,7 +146,9 @@ def _scan_btad(category_dir: Path, category: str) -> list[SampleRecord]:
     records = _records(list_images(category_dir / "train" / "ok"), category, "train", 0, "good", "good")
     records += _records(list_images(category_dir / "test" / "ok"), category, "test", 0, "good", "good")
     masks = _MaskIndex(category_dir / "ground_truth" / "ko", (".png", ".bmp"), suffixes=("",))
-    records += _records(list_images(category_dir / "test" / "ko"), category, "test", 1, "ko", "anomaly", masks)
+    records += _records(
+        list_images(category_dir / "test" / "ko"), category, "test", 1, "ko", "anomaly", masks
+    )
     return records
 
 
@@ -290,15 +300,22 @@ def select_categories(layout: str, root: Path, categories: str | list[str]) -> l
     return requested
 
 
-def scan(layout: str, root: str | Path | None, categories: str | list[str] = "all", seed: int = 0) -> list[SampleRecord]:
+def scan(
+    layout: str, root: str | Path | None, categories: str | list[str] = "all", seed: int = 0
+) -> list[SampleRecord]:
     """List every sample of the chosen categories. Checks nothing inside the files; see
     `validate.validate_records`."""
     path = resolve_root(layout, root, seed)
-    names = select_categories(layout, path, categories)
+    return scan_resolved(layout, path, select_categories(layout, path, categories))
+
+
+def scan_resolved(layout: str, root: Path, categories: list[str]) -> list[SampleRecord]:
+    """`scan` for a root already returned by `resolve_root` and categories from `select_categories`."""
+    _check_layout(layout)
     if layout == "visa":
-        return _scan_visa(path, names)
+        return _scan_visa(root, categories)
     scanner = _CATEGORY_SCANNERS[layout]
-    return [record for name in names for record in scanner(path / name, name)]
+    return [record for name in categories for record in scanner(root / name, name)]
 
 
 def load_defects_config(root: str | Path, category: str) -> dict[int, tuple[float, bool]]:
@@ -309,7 +326,10 @@ def load_defects_config(root: str | Path, category: str) -> dict[int, tuple[floa
     try:
         entries = json.loads(path.read_text())
         return {
-            int(entry["pixel_value"]): (float(entry["saturation_threshold"]), bool(entry["relative_saturation"]))
+            int(entry["pixel_value"]): (
+                float(entry["saturation_threshold"]),
+                bool(entry["relative_saturation"]),
+            )
             for entry in entries
         }
     except (ValueError, KeyError, TypeError) as error:
