@@ -26,6 +26,12 @@ Saturation values (``defects_config.json``, used by sPRO):
   rasterised area of a part at the generated image size (all parts are drawn with ~equal area, so
   one threshold fits all of them).
 
+Caching: ``ensure_embedded_dataset`` regenerates only when ``<root>/.generated.json`` (generator
+version, seed, image size, counts, categories) differs from what is asked. A tree is built in a
+sibling temp folder and renamed into place, so an interrupted run never leaves a tree that looks
+complete; a lock file ``.<root name>.lock`` next to the root serialises concurrent processes; a
+non-empty folder without the marker is never overwritten.
+
 Every image gets its own random stream (``sample_key``), split into independent scene, defect and
 noise streams, so rendering an anomalous image without its defect reproduces its normal twin
 pixel for pixel; that is what the mask tests rely on.
@@ -41,7 +47,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +60,7 @@ GENERATOR_VERSION = 1
 MARKER_NAME = ".generated.json"
 EMBEDDED_CATEGORIES: tuple[str, ...] = ("woven_tiles", "parts_tray")
 DEFAULT_IMAGE_SIZE = 128
+MIN_IMAGE_SIZE = 32
 # All geometry below is written for a 128 px image and scaled by image_size / 128.
 _DESIGN_SIZE = 128.0
 
@@ -183,7 +190,7 @@ def _weave(size: int, scale: float, rng: np.random.Generator) -> np.ndarray:
     dx, dy = rng.uniform(0.0, 2 * cell, size=2)  # phase jitter over the full 2-cell period
     warp = np.array([196.0, 164.0, 118.0]) + rng.uniform(-8, 8, size=3)
     weft = np.array([168.0, 138.0, 100.0]) + rng.uniform(-8, 8, size=3)
-    cells_across = int(math.ceil(size / cell)) + 3
+    cells_across = math.ceil(size / cell) + 3
     strand_gain = rng.uniform(0.92, 1.08, size=(cells_across, cells_across, strands_per_cell))
 
     coords = np.arange(size, dtype=np.float64)
@@ -310,7 +317,9 @@ def _footprint(part: _Part, size: int, scale: float) -> np.ndarray:
         cv2.circle(mask, centre, int(_fixed_point(_CIRCLE_RADIUS * scale)), 1, -1, cv2.LINE_8, _SUBPIXEL_BITS)
     else:
         width, height = (_SQUARE_SIDE, _SQUARE_SIDE) if part.shape == "square" else _BAR_SIZE
-        box = cv2.boxPoints(((float(part.centre[0]), float(part.centre[1])), (width * scale, height * scale), part.angle))
+        box = cv2.boxPoints(
+            ((float(part.centre[0]), float(part.centre[1])), (width * scale, height * scale), part.angle)
+        )
         cv2.fillPoly(mask, [_fixed_point(box)], 1, cv2.LINE_8, _SUBPIXEL_BITS)
     return mask.astype(bool)
 
@@ -322,7 +331,9 @@ def _paint_part(image: np.ndarray, part: _Part, footprint: np.ndarray, scale: fl
     image[yy, xx] = np.clip(shade, 0.85, 1.15)[:, None] * part.colour
 
 
-def _tray_scene(size: int, scale: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[_Part]]:
+def _tray_scene(
+    size: int, scale: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[_Part]]:
     """The empty tray image, the tray's inner area, and the normal parts (not yet painted)."""
     table = np.array([60.0, 62.0, 66.0]) + rng.uniform(-5, 5, size=3)
     tray = np.array([208.0, 210.0, 212.0]) + rng.uniform(-6, 6, size=3)
@@ -384,14 +395,19 @@ def _render_parts_tray(key: Sequence[int], defect: DefectType | None, size: int)
     if name == "missing_part":
         gone = parts.pop(int(rng.integers(len(parts))))
         # Where the part could have been: its footprint grown by the position jitter.
-        grow = max(1, int(math.ceil(_PART_JITTER * scale)))
+        grow = max(1, math.ceil(_PART_JITTER * scale))
         regions.append(cv2.dilate(_footprint(gone, size, scale).astype(np.uint8), _disk(grow)).astype(bool))
     elif name == "extra_part":
         extra = _place_extra_part(parts, inner, size, scale, rng)
         parts.append(extra)
         regions.append(_footprint(extra, size, scale))
     elif name == "swapped_parts":
-        pairs = [(i, j) for i in range(len(parts)) for j in range(i + 1, len(parts)) if parts[i].shape != parts[j].shape]
+        pairs = [
+            (i, j)
+            for i in range(len(parts))
+            for j in range(i + 1, len(parts))
+            if parts[i].shape != parts[j].shape
+        ]
         i, j = pairs[int(rng.integers(len(pairs)))]
         before = [_footprint(parts[i], size, scale), _footprint(parts[j], size, scale)]
         parts[i].centre, parts[j].centre = parts[j].centre.copy(), parts[i].centre.copy()
@@ -492,7 +508,11 @@ def _write_gray(path: Path, image: np.ndarray) -> None:
 
 def _split_plan(category: str, counts: SplitCounts) -> Iterator[tuple[str, int, DefectType | None]]:
     """(folder under the category, index, defect) for every image; defect types take turns."""
-    for folder, count in (("train/good", counts.train), ("validation/good", counts.validation), ("test/good", counts.test_good)):
+    for folder, count in (
+        ("train/good", counts.train),
+        ("validation/good", counts.validation),
+        ("test/good", counts.test_good),
+    ):
         for index in range(count):
             yield folder, index, None
     for kind, count in ((STRUCTURAL, counts.test_structural), (LOGICAL, counts.test_logical)):
@@ -503,7 +523,9 @@ def _split_plan(category: str, counts: SplitCounts) -> Iterator[tuple[str, int, 
             yield f"test/{kind}_anomalies", index, kinds[index % len(kinds)]
 
 
-def _write_category(category_dir: Path, category: str, seed: int, image_size: int, counts: SplitCounts) -> None:
+def _write_category(
+    category_dir: Path, category: str, seed: int, image_size: int, counts: SplitCounts
+) -> None:
     for folder, index, defect in _split_plan(category, counts):
         key = sample_key(seed, category, folder, index)
         sample = render_sample(category, key, defect.name if defect else None, image_size)
@@ -518,7 +540,9 @@ def _write_category(category_dir: Path, category: str, seed: int, image_size: in
         for region_index, region in enumerate(sample.regions):
             mask = np.where(region, defect.pixel_value, 0).astype(np.uint8)
             _write_gray(mask_dir / f"{region_index:03d}.png", mask)
-    (category_dir / "defects_config.json").write_text(json.dumps(defects_config(category, image_size), indent=4))
+    (category_dir / "defects_config.json").write_text(
+        json.dumps(defects_config(category, image_size), indent=4)
+    )
 
 
 def _marker(seed: int, image_size: int, counts: SplitCounts) -> dict:
@@ -557,14 +581,19 @@ def _generation_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _refuse_foreign_folder(root: Path) -> None:
+    """Never replace a folder this module did not write (no marker, not empty): it may be user data."""
+    if root.exists() and read_marker(root) is None and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(
+            f"{root} exists, is not empty and has no {MARKER_NAME}: it is not a generated embedded dataset; "
+            "refusing to overwrite it (choose another root or remove it)"
+        )
+
+
 def _install(staged: Path, root: Path) -> None:
     """Move a finished tree to ``root``, replacing an older generated tree there."""
     if root.exists():
-        if read_marker(root) is None and any(root.iterdir()):
-            raise FileExistsError(
-                f"{root} exists, is not empty and has no {MARKER_NAME}: it is not a generated embedded dataset; "
-                "refusing to overwrite it (choose another root or remove it)"
-            )
+        _refuse_foreign_folder(root)  # checked again: the folder may have appeared while we generated
         stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.stale-", dir=root.parent))
         os.replace(root, stale / "tree")
         os.replace(staged, root)
@@ -577,13 +606,20 @@ def generate_embedded_dataset(
     root: str | Path,
     seed: int = 0,
     image_size: int = DEFAULT_IMAGE_SIZE,
-    counts: SplitCounts = SplitCounts(),
+    counts: SplitCounts | Mapping[str, int] = SplitCounts(),
 ) -> Path:
     """(Re)write the whole tree under ``root``: built in a sibling temp folder, then renamed in place.
 
     The marker is written last inside the temp folder, so a tree at ``root`` always is complete.
+    ``counts`` may be a mapping with ``SplitCounts`` field names (as it comes from a YAML config).
     """
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be at least {MIN_IMAGE_SIZE} px (parts and defects vanish below), got {image_size}"
+        )
+    counts = counts if isinstance(counts, SplitCounts) else SplitCounts(**counts)
     root = Path(root).absolute()
+    _refuse_foreign_folder(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     staged.chmod(0o755)  # mkdtemp makes it private; the dataset is ordinary readable data

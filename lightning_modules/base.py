@@ -12,6 +12,7 @@ W&B logging, the results table, and the throughput and memory figures.
 from __future__ import annotations
 
 import resource
+from contextlib import nullcontext
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -130,10 +131,9 @@ class AnomalyDetector(LightningModule, ABC):
         was_training = self.training
         self.eval()
         outputs: list[dict[str, Tensor]] = []
-        forward_context = self.trainer.precision_plugin.forward_context() if self._trainer else _null()
         for batch in dataloader:
             batch = self._to_device(batch)
-            with forward_context:
+            with self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext():
                 outputs.append({k: _as_float(v) for k, v in fn(batch).items()})
         self.train(was_training)
         return self._concat_and_gather(outputs)
@@ -279,14 +279,6 @@ class AnomalyDetector(LightningModule, ABC):
 def _as_float(tensor: Tensor) -> Tensor:
     """Detach; float64 stays float64 (sums for statistics), anything else becomes float32."""
     return tensor.detach().double() if tensor.dtype == torch.float64 else tensor.detach().float()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------- result tables

@@ -90,7 +90,7 @@ class ULSAD(AnomalyDetector):
 
     def fit_pre_training_statistics(self, dataloader) -> None:
         """Per-channel mean/std of the fused features over the training images (spec §1)."""
-        if bool(self.network.feature_std.abs().sum() > 0):
+        if self.network.statistics_fitted:
             return  # restored from a checkpoint
         def channel_sums(batch):
             raw = self.network.extract_features(batch["image"]).double()
@@ -101,15 +101,13 @@ class ULSAD(AnomalyDetector):
         count = sums["count"].sum()
         mean = sums["sum"].sum(0) / count
         std = (sums["sum_sq"].sum(0) / count - mean**2).clamp_min(0).sqrt()
-        self.network.feature_mean.copy_(mean.float().view_as(self.network.feature_mean))
-        self.network.feature_std.copy_(std.float().view_as(self.network.feature_std))
+        self.network.set_feature_statistics(mean.float(), std.float())
 
     # ------------------------------------------------------------------ losses
     def loss_terms(self, features: Tensor, images: Tensor) -> dict[str, Tensor]:
         """The three ULSAD loss terms for standardised features F of a batch of images (spec §4)."""
         hp = self.hparams
-        reconstruction = self.network.reconstruct(features)
-        local, global_support = reconstruction["local"], reconstruction["global_support"]
+        local, global_support = self.network.frn(features).split(self.network.feature_channels, dim=1)
         autoencoder = self.network.autoencoder(images)
         terms = {"loss_local": feature_distance(features, local, hp.alpha_local).mean()}
         if hp.use_attention_loss:
@@ -197,4 +195,4 @@ class ULSAD(AnomalyDetector):
     def run_info(self) -> dict[str, Any]:
         q = self.map_quantiles.tolist()
         return {**super().run_info(), "map_quantiles": {"local": q[:2], "global": q[2:]},
-                "feature_statistics_fitted": bool(self.network.feature_std.abs().sum() > 0)}
+                "feature_statistics_fitted": self.network.statistics_fitted}

@@ -64,11 +64,13 @@ def _is_offline() -> bool:
     return hf_constants.is_offline_mode() or env_flag.strip().lower() in {"1", "true", "yes", "on"}
 
 
-def unwrap_state_dict(checkpoint: object, source: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(
+    checkpoint: object, source: str, strip_prefixes: bool = True
+) -> dict[str, torch.Tensor]:
     """Return the tensor mapping inside common checkpoint containers, minus a shared wrapper prefix.
 
-    Accepts a bare state dict, {"state_dict": ...} (Lightning) or {"model": ...}, and strips a
-    "module." (DDP) or "model." prefix when every key carries it.
+    Accepts a bare state dict, {"state_dict": ...} (Lightning) or {"model": ...}, and (with
+    `strip_prefixes`) strips a "module." (DDP) or "model." prefix when every key carries it.
     """
     while isinstance(checkpoint, Mapping):
         nested = next(
@@ -79,23 +81,25 @@ def unwrap_state_dict(checkpoint: object, source: str) -> dict[str, torch.Tensor
             break
         checkpoint = nested
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{source} does not hold a state dict (found {type(checkpoint).__name__}).")
+        raise TypeError(f"{source} does not hold a state dict (found {type(checkpoint).__name__}).")
     state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
     if not state_dict:
         raise ValueError(f"{source} holds no tensors; expected a state dict of model weights.")
-    for prefix in ("module.", "model."):
+    for prefix in ("module.", "model.") if strip_prefixes else ():
         if all(key.startswith(prefix) for key in state_dict):
             state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
     return state_dict
 
 
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a `.pth`/`.pt`/`.bin` (torch pickle, tensors only) or `.safetensors` weight file."""
+def load_weights_file(path: str | os.PathLike, strip_prefixes: bool = True) -> dict[str, torch.Tensor]:
+    """Read a `.pth`/`.pt`/`.bin` (torch pickle, tensors only) or `.safetensors` weight file (see `unwrap_state_dict`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Weights file not found: {path}")
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"Weights file {path} has suffix {path.suffix!r}; expected one of {WEIGHT_FILE_SUFFIXES}.")
+        raise ValueError(
+            f"Weights file {path} has suffix {path.suffix!r}; expected one of {WEIGHT_FILE_SUFFIXES}."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -108,7 +112,7 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"Could not read {path} as a tensors-only checkpoint ({error}). Save plain weights "
                 "with torch.save(model.state_dict(), path) or safetensors."
             ) from error
-    return unwrap_state_dict(checkpoint, source=str(path))
+    return unwrap_state_dict(checkpoint, source=str(path), strip_prefixes=strip_prefixes)
 
 
 def _cached_weights_file(model_name: str) -> tuple[Path, str] | None:
@@ -204,7 +208,7 @@ def resolve_pretrained_weights(
     elif timm.models.get_pretrained_cfg(model_name) is not None:
         try:
             return _download_weights(model_name)
-        except Exception as error:  # any download failure is reported with the rest below
+        except Exception as error:  # noqa: BLE001 - network/hub errors vary; all are reported below
             tried.append(f"download: failed ({type(error).__name__}: {error})")
 
     message = (
@@ -217,7 +221,9 @@ def resolve_pretrained_weights(
     if pretrained is True:
         raise RuntimeError(message)
     warnings.warn(f"{message}\nFalling back to RANDOM weights (pretrained='auto').", stacklevel=2)
-    logger.warning("RANDOM backbone weights for %s: no pretrained weights found (pretrained='auto').", model_name)
+    logger.warning(
+        "RANDOM backbone weights for %s: no pretrained weights found (pretrained='auto').", model_name
+    )
     return None, "random (fallback: no weights found)"
 
 
@@ -288,7 +294,9 @@ class FeatureExtractor(nn.Module):
         state_dict, self.weights_source = resolve_pretrained_weights(name, pretrained, weights_file)
         # timm returns maps in ascending index order; remember how to put them in `layers` order.
         self._order = [sorted(indices).index(index) for index in indices]
-        self.model = timm.create_model(name, features_only=True, pretrained=False, out_indices=sorted(indices))
+        self.model = timm.create_model(
+            name, features_only=True, pretrained=False, out_indices=sorted(indices)
+        )
         if state_dict is not None:
             load_backbone_state_dict(self.model, state_dict, self.weights_source)
         logger.info("Backbone %s %s: weights from %s", name, self.layers, self.weights_source)

@@ -1,0 +1,260 @@
+"""ULSAD networks (Patra & Ben Taieb, TMLR 2024), following the official code; see specs/ulsad.md.
+
+Shapes for a 256×256 input (C = 384): pretrained features F 384×32×32, feature reconstruction
+network output R 768×32×32 (R_loc | R_glb), global autoencoder output A 384×32×32.
+Losses, maps and fitted statistics live in the Lightning module; this file is pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import einops
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.backbones import FeatureExtractor, ImageNetNormalize, Pretrained, fuse_features
+
+__all__ = [
+    "FeatureReconstructionNetwork",
+    "GlobalAutoencoder",
+    "ULSADNetwork",
+    "attention_pool",
+    "feature_distance",
+    "fuse_features",
+]
+
+
+def feature_distance(x: torch.Tensor, y: torch.Tensor, cosine_weight: float) -> torch.Tensor:
+    """D_λ(X, Y) = mean_c (X − Y)² + λ·(1 − cos_c(X, Y)), per position: B×C×H×W → B×H×W (spec §4).
+
+    Always computed in float32, also under bf16 autocast: it is a loss and an anomaly map.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x, y = x.float(), y.float()
+        distance = (x - y).pow(2).mean(dim=1)
+        if cosine_weight:
+            distance = distance + cosine_weight * (1.0 - F.cosine_similarity(x, y, dim=1, eps=1e-8))
+    return distance
+
+
+def attention_pool(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """softmax(Q Kᵀ / √C) · V over spatial tokens, with K = V = `key_value` and no projections.
+
+    B×C×H×W in and out (the output has the query's spatial size). ULSAD uses it as
+    self-attention of the features (query = F) and as cross-attention with the autoencoder
+    output as query (spec §4.2). Float32; `scaled_dot_product_attention` avoids materialising
+    the P×P attention matrix where a fused kernel exists.
+    """
+    height, width = query.shape[-2:]
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        queries = einops.rearrange(query.float(), "b c h w -> b (h w) c")
+        keys = einops.rearrange(key_value.float(), "b c h w -> b (h w) c")
+        pooled = F.scaled_dot_product_attention(queries, keys, keys)  # default scale 1/√C
+    return einops.rearrange(pooled, "b (h w) c -> b c h w", h=height, w=width)
+
+
+def _conv_block(conv: nn.Module, channels: int, relu: bool, **norm_kwargs) -> nn.Sequential:
+    layers = [conv, nn.BatchNorm2d(channels, **norm_kwargs)]
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class FeatureReconstructionNetwork(nn.Module):
+    """The FRN (`FeatAE` with double_channel=True, spec §2): 384×32² → 768×32².
+
+    Encoder: conv3×3 s2 → 768 (16²), conv3×3 s2 → 1536 (8²), conv3×3 s1 → 1536 (bottleneck,
+    BN only). Decoder: deconv4×4 s2 → 768 (16²), deconv4×4 s2 → 384 (32²), deconv5×5 s1 → 768.
+    BN + ReLU after every other layer, including the output (surprise #2: the output is ≥ 0
+    while the standardised target is signed); `final_relu=False` removes that last ReLU.
+    `hidden_scale` scales the 768/1536 hidden widths (1.0 = the paper's network).
+    """
+
+    def __init__(self, in_channels: int = 384, hidden_scale: float = 1.0, final_relu: bool = True) -> None:
+        super().__init__()
+        wide, wider = round(2 * in_channels * hidden_scale), round(4 * in_channels * hidden_scale)
+        self.out_channels = 2 * in_channels
+        self.encoder = nn.Sequential(
+            _conv_block(nn.Conv2d(in_channels, wide, 3, stride=2, padding=1), wide, relu=True),
+            _conv_block(nn.Conv2d(wide, wider, 3, stride=2, padding=1), wider, relu=True),
+            _conv_block(nn.Conv2d(wider, wider, 3, stride=1, padding=1), wider, relu=False),
+        )
+        self.decoder = nn.Sequential(
+            _conv_block(nn.ConvTranspose2d(wider, wide, 4, stride=2, padding=1), wide, relu=True),
+            _conv_block(
+                nn.ConvTranspose2d(wide, in_channels, 4, stride=2, padding=1), in_channels, relu=True
+            ),
+            _conv_block(
+                nn.ConvTranspose2d(in_channels, self.out_channels, 5, stride=1, padding=2),
+                self.out_channels,
+                relu=final_relu,
+            ),
+        )
+        gain = nn.init.calculate_gain("leaky_relu")
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(module.weight, gain=gain)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.contiguous(memory_format=torch.channels_last)
+        return self.decoder(self.encoder(features))
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < 128 or image_size % 64:
+        raise ValueError(
+            f"image_size must be a multiple of 64 and at least 128 (the autoencoder resizes to "
+            f"image_size/64 − 1 and encodes to 1×1), got {image_size}."
+        )
+
+
+class GlobalAutoencoder(nn.Module):
+    """ULSAD's global autoencoder-like network (`ConvAutoEncoder`, spec §3): image → 384×(S/8)².
+
+    EfficientAD's autoencoder with BatchNorm(affine=False, eps=1e-4) + ReLU after every conv
+    except the output one, including the 1×1 bottleneck; no dropout. Takes [0, 1] images and
+    ImageNet-normalises them itself. Sizes follow the code's formulas for image size S:
+    decoder resizes to S/64−1, S/32, S/16−1, S/8−1, S/4−1 and S/8. The bottleneck kernel is
+    S/32 (8 at 256 px, as in the code) so the encoder reaches 1×1 at other sizes too.
+    """
+
+    def __init__(self, out_channels: int = 384, image_size: int = 256) -> None:
+        super().__init__()
+        _check_image_size(image_size)
+        self.image_size = image_size
+        self.normalize = ImageNetNormalize()
+        norm = {"eps": 1e-4, "affine": False}
+        encoder_channels = [(3, 32), (32, 32), (32, 64), (64, 64), (64, 64)]
+        for index, (cin, cout) in enumerate(encoder_channels, start=1):  # each halves the size
+            self.add_module(
+                f"enconv{index}",
+                _conv_block(nn.Conv2d(cin, cout, 4, stride=2, padding=1), cout, True, **norm),
+            )
+        self.enconv6 = _conv_block(nn.Conv2d(64, 64, image_size // 32), 64, True, **norm)  # → 64×1×1
+        # Each decoder stage: resize, then conv4×4 pad 2 grows the map by one pixel.
+        self.decoder_sizes = [
+            image_size // 64 - 1,
+            image_size // 32,
+            image_size // 16 - 1,
+            image_size // 8 - 1,
+            image_size // 4 - 1,
+        ]
+        for index in range(1, 6):
+            self.add_module(
+                f"deconv{index}", _conv_block(nn.Conv2d(64, 64, 4, stride=1, padding=2), 64, True, **norm)
+            )
+        self.last_size = image_size // 8
+        # No "deconv6" in the reference code: numbering jumps from 5 to 7.
+        self.deconv7 = _conv_block(nn.Conv2d(64, 64, 3, stride=1, padding=1), 64, True, **norm)
+        self.deconv8 = nn.Conv2d(64, out_channels, 3, stride=1, padding=1)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images).contiguous(memory_format=torch.channels_last)
+        for index in range(1, 7):
+            x = getattr(self, f"enconv{index}")(x)
+        for index, size in enumerate(self.decoder_sizes, start=1):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = getattr(self, f"deconv{index}")(x)
+        x = F.interpolate(x, size=self.last_size, mode="bilinear", align_corners=False)
+        return self.deconv8(self.deconv7(x))
+
+
+class ULSADNetwork(nn.Module):
+    """Frozen feature extractor + feature reconstruction network + global autoencoder.
+
+    `feature_mean` / `feature_std` (1×C×1×1 float32 buffers) standardise the fused backbone
+    features per channel; all zeros means "not fitted yet". The Lightning module fits them on
+    the training set before training (spec §1) with `set_feature_statistics`.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2.racm_in1k",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pretrained: Pretrained = True,
+        weights_file: str | None = None,
+        image_size: int = 256,
+        feature_channels: int = 384,
+        frn_final_relu: bool = True,
+        frn_hidden_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 2:
+            raise ValueError(
+                f"ULSAD fuses exactly two backbone layers (a shallow and a deep one), got {list(layers)}."
+            )
+        _check_image_size(image_size)
+        self.image_size = image_size
+        self.feature_channels = feature_channels
+        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
+        if self.feature_extractor.reductions[0] != 8:
+            raise ValueError(
+                f"The first layer must have stride 8 so the features are image_size/8 like the "
+                f"autoencoder output; {layers[0]} of {backbone} has stride {self.feature_extractor.reductions[0]}."
+            )
+        self.frn = FeatureReconstructionNetwork(
+            feature_channels, hidden_scale=frn_hidden_scale, final_relu=frn_final_relu
+        )
+        self.autoencoder = GlobalAutoencoder(feature_channels, image_size)
+        self.register_buffer("feature_mean", torch.zeros(1, feature_channels, 1, 1))
+        self.register_buffer("feature_std", torch.zeros(1, feature_channels, 1, 1))
+
+    @property
+    def weights_source(self) -> str:
+        return self.feature_extractor.weights_source
+
+    @property
+    def statistics_fitted(self) -> bool:
+        return bool(self.feature_std.abs().sum() > 0)
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """F_raw: the fused backbone features, B×C×(S/8)², float32, no gradient."""
+        shallow, deep = self.feature_extractor(images)
+        return fuse_features(shallow, deep, self.feature_channels)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store per-channel mean/std (any shape with C elements); std must be positive (no epsilon, as in the code)."""
+        mean, std = mean.reshape(self.feature_mean.shape), std.reshape(self.feature_std.shape)
+        bad = (
+            (~(std > 0) | ~torch.isfinite(std) | ~torch.isfinite(mean)).flatten().nonzero().flatten().tolist()
+        )
+        if bad:
+            raise ValueError(
+                f"Feature statistics are zero or not finite for channels {bad[:16]}; cannot standardise."
+            )
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    def standardize(self, features_raw: torch.Tensor) -> torch.Tensor:
+        if not self.statistics_fitted:
+            raise RuntimeError("ULSAD feature mean/std are not fitted; call set_feature_statistics first.")
+        return (features_raw.float() - self.feature_mean) / self.feature_std
+
+    def forward(
+        self, images: torch.Tensor, features_raw: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run all three networks. Pass `features_raw` (from `extract_features`) to reuse cached backbone features.
+
+        Returns features F (standardised target), local R_loc, global_support R_glb and
+        autoencoder A, each B×C×(S/8)².
+        """
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"ULSADNetwork was built for {self.image_size}px images, got {tuple(images.shape[-2:])}."
+            )
+        if features_raw is None:
+            features_raw = self.extract_features(images)
+        features = self.standardize(features_raw)
+        local, global_support = self.frn(features).split(self.feature_channels, dim=1)
+        return {
+            "features": features,
+            "local": local,
+            "global_support": global_support,
+            "autoencoder": self.autoencoder(images),
+        }
