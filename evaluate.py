@@ -45,6 +45,8 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
     output_dir = known.output_dir or run_dir / "evaluate"
     cli = AnomalyCLI(args=["--config", str(config), *_override_args(config), "--wandb.mode=disabled",
                            "--trainer.logger=false", *overrides, f"--run.dir={output_dir}", "--run.resume=false"])
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("test")  # a bad dataset fails before the checkpoint is loaded
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(known.checkpoint), verbose=False)
     results = cli.model.test_results or {}
     if cli.trainer.is_global_zero and results:

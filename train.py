@@ -20,6 +20,9 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
     """Fit → calibrate on the validation split → save final.ckpt → test. Returns the test results."""
     cli = AnomalyCLI(args=args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    # Scan and validate the whole dataset now: a bad file fails here, before any training step or checkpoint.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
     try:
         cli.save_resolved_config()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cli.resume_checkpoint)

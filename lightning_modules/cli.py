@@ -121,7 +121,9 @@ class AnomalyCLI(LightningCLI):
         checkpoint_dir = self.run_dir / "checkpoints"
         callbacks = list(self.config_init.trainer.get("callbacks") or [])
         callbacks += [
-            ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+            # One rolling checkpoint, `last.ckpt`, overwritten at every save: what --run.resume continues from.
+            ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                            enable_version_counter=False,
                             every_n_train_steps=self.config.run.checkpoint_every_n_steps),
             OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="last"),
         ]

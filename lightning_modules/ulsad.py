@@ -148,10 +148,12 @@ class ULSAD(AnomalyDetector):
         else:
             global_map = feature_distance(attention_pool(features, features), attention_pool(autoencoder, features),
                                           self.attention_cosine_weight)
-        size = images.shape[-2:]
-        maps = torch.stack([local_map, global_map], dim=1).float()  # B×2×h×w
-        maps = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        return self._blur(maps[:, :1]), self._blur(maps[:, 1:])
+        # Post-processing in float32: under bf16 autocast the blur's convolution would round the maps
+        # to 8 mantissa bits, which creates ties between images and distorts the quantiles.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            maps = torch.stack([local_map, global_map], dim=1).float()  # B×2×h×w
+            maps = torch.nn.functional.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            return self._blur(maps[:, :1]), self._blur(maps[:, 1:])
 
     def _blur(self, maps: Tensor) -> Tensor:
         sigma = self.hparams.map_blur_sigma

@@ -1,0 +1,225 @@
+"""EfficientAD's Lightning module: loss terms against hand computations, fitted statistics against
+direct torch/numpy references, the penalty switch, and the teacher-weights contract."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lightning_modules.efficientad import (
+    TEACHER_CHANNELS,
+    EfficientAD,
+    PenaltyImages,
+    exact_quantile,
+    hard_feature_loss,
+    normalize_map,
+)
+from networks.efficientad import PatchDescriptionNetwork
+
+SIZE = 128  # the smallest size the autoencoder supports; PDN maps are 24×24
+
+
+@pytest.fixture(scope="module")
+def module() -> EfficientAD:
+    torch.manual_seed(0)
+    return EfficientAD(teacher_pretrained=False, image_size=SIZE)
+
+
+def write_images(folder, count: int, size=(40, 56)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        cv2.imwrite(str(folder / f"photo_{index}.png"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------ helpers
+@pytest.mark.parametrize("count", [1, 2, 7, 1000, 4097])
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 0.995, 0.999, 1.0])
+def test_exact_quantile_matches_numpy_linear_interpolation(count, q):
+    values = torch.randn(count, generator=torch.Generator().manual_seed(count))
+    expected = np.quantile(values.double().numpy(), q)
+    assert float(exact_quantile(values, q)) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_hard_feature_loss_is_the_mean_of_the_top_entries():
+    values = torch.randperm(100, generator=torch.Generator().manual_seed(0)).float().view(1, 4, 5, 5)
+    # 0.9-quantile of 0..99 = 89.1 → the entries 90..99, mean 94.5; 0.999-quantile = 98.901 → only 99.
+    assert float(hard_feature_loss(values, 0.9)) == pytest.approx(94.5)
+    assert float(hard_feature_loss(values, 0.999)) == pytest.approx(99.0)
+    random = torch.rand(2, 384, 6, 6, generator=torch.Generator().manual_seed(1))
+    threshold = np.quantile(random.numpy().ravel().astype(np.float64), 0.999)
+    expected = random.numpy()[random.numpy() >= threshold].mean()
+    assert float(hard_feature_loss(random, 0.999)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_quantile_normalisation_maps_qa_to_zero_and_qb_to_a_tenth(module):
+    q_low, q_high = torch.tensor(2.0), torch.tensor(6.0)
+    assert normalize_map(torch.tensor([2.0, 6.0, 4.0]), q_low, q_high).tolist() == pytest.approx([0.0, 0.1, 0.05])
+    module.map_quantiles.copy_(torch.tensor([1.0, 3.0, 0.5, 0.7]))
+    try:
+        st = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+        ae = torch.tensor([0.5, 0.7]).view(2, 1, 1, 1)
+        assert module.combined_map(st, ae).flatten().tolist() == pytest.approx([0.0, 0.1])
+    finally:
+        module.map_quantiles.zero_()
+
+
+# ------------------------------------------------------------------------------------ fitted statistics
+def test_teacher_statistics_are_population_mean_and_std_over_images_and_positions():
+    torch.manual_seed(0)
+    detector = EfficientAD(teacher_pretrained=False, image_size=SIZE)
+    batches = [{"image": torch.rand(3, 3, SIZE, SIZE)}, {"image": torch.rand(2, 3, SIZE, SIZE)}]
+    detector.fit_pre_training_statistics(batches)
+    with torch.no_grad():
+        outputs = torch.cat([detector.teacher(b["image"]) for b in batches]).double()
+    expected_mean = outputs.mean(dim=(0, 2, 3))
+    expected_std = outputs.permute(1, 0, 2, 3).reshape(TEACHER_CHANNELS, -1).std(dim=1, correction=0)
+    assert torch.allclose(detector.teacher_mean.flatten().double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(detector.teacher_std.flatten().double(), expected_std, rtol=1e-5, atol=1e-6)
+    assert detector.teacher_statistics_fitted
+    normalized = detector.normalized_teacher(batches[0]["image"]).double()
+    assert torch.allclose(normalized, (outputs[:3] - expected_mean.view(1, -1, 1, 1)) / expected_std.view(1, -1, 1, 1),
+                          atol=1e-4)
+
+
+def test_map_quantiles_come_from_the_pooled_validation_maps(module):
+    generator = torch.Generator().manual_seed(0)
+    collected = {"map_st": torch.rand(5, 400, generator=generator) * 3,
+                 "map_ae": torch.rand(5, 400, generator=generator)}
+    module.fit_calibration(collected)
+    try:
+        expected = [np.quantile(collected[name].numpy().ravel(), level)
+                    for name in ("map_st", "map_ae") for level in (0.9, 0.995)]
+        assert module.map_quantiles.tolist() == pytest.approx(expected, rel=1e-6)
+        assert module.run_info()["map_quantiles"]["autoencoder"] == pytest.approx(expected[2:], rel=1e-6)
+    finally:
+        module.map_quantiles.zero_()
+
+
+def test_predict_returns_the_max_of_the_combined_full_size_map(module):
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    module.eval()
+    with torch.no_grad():
+        output = module.predict(images)
+        teacher = module.teacher(images)
+        student = module.student(images)
+        autoencoder = module.autoencoder(images)
+    assert output.anomaly_map.shape == (2, 1, SIZE, SIZE)
+    st = ((teacher - student[:, :TEACHER_CHANNELS]) ** 2).mean(1, keepdim=True)
+    ae = ((autoencoder - student[:, TEACHER_CHANNELS:]) ** 2).mean(1, keepdim=True)
+    expected = torch.nn.functional.interpolate(0.5 * st + 0.5 * ae, size=SIZE, mode="bilinear")
+    assert torch.allclose(output.anomaly_map, expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(output.image_score, expected.amax(dim=(1, 2, 3)))
+
+
+def test_wrong_image_size_is_a_clear_error(module):
+    with pytest.raises(ValueError, match="image_size"):
+        module.predict(torch.rand(1, 3, 256, 256))
+
+
+# ------------------------------------------------------------------------------------ losses
+def test_loss_terms_train_student_and_autoencoder_but_never_the_teacher(module):
+    module.train()
+    assert not module.teacher.training and module.student.training and module.autoencoder.training
+    module.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = module.loss_terms(torch.rand(2, 3, SIZE, SIZE))
+    assert set(terms) == {"loss_hard", "loss_ae", "loss_stae"}
+    assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert all(p.grad is not None for p in module.student.parameters())
+    assert all(p.grad is not None for p in module.autoencoder.parameters())
+    module.zero_grad()
+
+
+def test_penalty_is_off_without_a_folder_and_adds_the_student_output_energy_with_one(tmp_path):
+    torch.manual_seed(0)
+    plain = EfficientAD(teacher_pretrained=False, image_size=SIZE)
+    assert plain.run_info()["penalty"] == "off"
+
+    write_images(tmp_path / "photos" / "nested", 3)
+    torch.manual_seed(0)
+    penalized = EfficientAD(teacher_pretrained=False, image_size=SIZE, penalty_dir=str(tmp_path / "photos"),
+                            penalty_num_workers=0)
+    assert penalized.run_info()["penalty"].startswith("on:") and "(3 images)" in penalized.run_info()["penalty"]
+    penalty = penalized.next_penalty_batch(2)
+    assert penalty.shape == (2, 3, SIZE, SIZE) and 0 <= float(penalty.min()) and float(penalty.max()) <= 1
+
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        without = penalized.loss_terms(images)
+        torch.manual_seed(1)
+        with_penalty = penalized.loss_terms(images, penalty)
+        expected = (penalized.student(penalty)[:, :TEACHER_CHANNELS] ** 2).mean()
+    assert "loss_penalty" not in without
+    assert float(with_penalty["loss_penalty"]) == pytest.approx(float(expected), rel=1e-4)
+    for name in without:
+        assert float(with_penalty[name]) == pytest.approx(float(without[name]), rel=1e-4)
+    total_difference = float(sum(with_penalty.values()) - sum(without.values()))
+    assert total_difference == pytest.approx(float(expected), rel=1e-3)
+
+
+def test_penalty_folder_missing_or_empty_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        PenaltyImages(tmp_path / "no_such_folder", SIZE)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        EfficientAD(teacher_pretrained=False, image_size=SIZE, penalty_dir=str(tmp_path / "empty"))
+
+
+# ------------------------------------------------------------------------------------ teacher weights
+def test_teacher_weights_contract(tmp_path):
+    with pytest.raises(ValueError, match="distill.py"):
+        EfficientAD(teacher_pretrained=True, teacher_weights=None, image_size=SIZE)
+    missing = tmp_path / "teacher_small.pth"
+    with pytest.raises(FileNotFoundError, match="teacher_small.pth"):
+        EfficientAD(teacher_pretrained=True, teacher_weights=str(missing), image_size=SIZE)
+    with pytest.raises(ValueError, match="teacher_pretrained=false"):
+        EfficientAD(teacher_pretrained=False, teacher_weights=str(missing), image_size=SIZE)
+    with pytest.warns(UserWarning, match="RANDOM teacher"):
+        fallback = EfficientAD(teacher_pretrained="auto", image_size=SIZE)
+    assert fallback.weights_source.startswith("random teacher (fallback")
+
+
+def test_teacher_weights_file_is_loaded_and_named_in_run_info(tmp_path):
+    torch.manual_seed(5)
+    source = PatchDescriptionNetwork("small", TEACHER_CHANNELS, padding=True)  # as distill.py trains it
+    path = tmp_path / "teacher_small.pth"
+    torch.save(source.state_dict(), path)
+    detector = EfficientAD(teacher_weights=str(path), teacher_pretrained=True, image_size=SIZE)
+    assert str(path.resolve()) in detector.run_info()["weights_source"]
+    for name, value in source.state_dict().items():
+        assert torch.equal(detector.teacher.state_dict()[name], value)
+    assert EfficientAD.checkpoint_init_overrides == {"teacher_pretrained": False, "teacher_weights": None,
+                                                     "penalty_dir": None}
+
+
+# ------------------------------------------------------------------------------------ configs
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent.name in ("efficientad", "puad")], ids=str)
+def test_configs_name_only_real_arguments(config):
+    from datamodules.datamodule import AnomalyDataModule
+
+    content = yaml.safe_load(config.read_text())
+    module_name, class_name = content["model"]["class_path"].rsplit(".", 1)
+    detector = getattr(importlib.import_module(module_name), class_name)
+    assert detector.__name__ == {"efficientad": "EfficientAD", "puad": "PUAD"}[config.parent.name]
+    assert set(content["model"]["init_args"]) <= set(inspect.signature(detector).parameters)
+    assert set(content["data"]) <= set(inspect.signature(AnomalyDataModule).parameters)
+    assert content["model"]["init_args"]["image_size"] == content["data"]["image_size"]
+    if config.stem == "quickstart":
+        assert content["model"]["init_args"]["teacher_pretrained"] is False and content["data"]["layout"] == "embedded"
+    else:
+        assert content["trainer"]["max_steps"] == 70000 and content["data"]["train_batch_size"] == 1

@@ -1,0 +1,161 @@
+"""train.py / evaluate.py end to end on the embedded dataset: outputs, exact re-evaluation in a fresh
+process, resume after a crash, DDP and bf16, and bad data rejected before any training step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.validate import DatasetError
+from lightning_modules.reporting import read_scores_csv
+from tests.fake_trees import make_mvtec_ad
+from train import train
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory) -> Path:
+    from datamodules.embedded import ensure_embedded_dataset
+
+    return ensure_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded", seed=0)
+
+
+def tiny_ulsad_args(embedded_root: Path, output_root: Path, *extra: str) -> list[str]:
+    """The quickstart config shrunk to seconds: resnet18 features, a narrow FRN, 3 steps an epoch."""
+    return [
+        "--config", str(REPO / "configs/quickstart.yaml"),
+        f"--data.root={embedded_root}", "--data.categories=woven_tiles",
+        "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=false",
+        "--model.init_args.frn_hidden_scale=0.25",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--wandb.mode=disabled", f"--run.output_root={output_root}",
+        *extra,
+    ]
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def assert_same_metrics(first: dict, second: dict, tolerance: float = 1e-6) -> int:
+    compared = 0
+    for group in ("per_category", "mean"):
+        assert first[group].keys() == second[group].keys()
+        for name, subsets in first[group].items():
+            flat_a = subsets if group == "mean" else subsets
+            for subset, values in flat_a.items():
+                for metric, value in values.items():
+                    other = second[group][name][subset][metric]
+                    if value is None:
+                        assert other is None
+                        continue
+                    assert math.isclose(value, other, abs_tol=tolerance), (group, name, subset, metric, value, other)
+                    compared += 1
+    return compared
+
+
+@pytest.fixture(scope="module")
+def trained_run(embedded_root, tmp_path_factory) -> dict:
+    output_root = tmp_path_factory.mktemp("runs")
+    return train(tiny_ulsad_args(embedded_root, output_root))
+
+
+def test_train_writes_the_run_folder(trained_run):
+    run_dir = trained_run["run_dir"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["weights_source"] == "random (pretrained=False)"
+    assert metrics["run"]["detector"] == "ULSAD"
+    all_metrics = metrics["per_category"]["woven_tiles"]["all"]
+    for name in ("image_AUROC", "image_AP", "image_F1max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "pixel_sPRO"):
+        assert 0.0 <= all_metrics[name] <= 1.0, name
+    scores = read_scores_csv(run_dir / "scores.csv")
+    assert len(scores) == metrics["run"]["test_images"] == 40  # 20 good + 20 structural, none dropped
+    assert {row["label"] for row in scores} == {0, 1}
+    assert list((run_dir / "maps" / "woven_tiles").glob("*.png"))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "final.ckpt").is_file()
+    quantiles = metrics["run"]["map_quantiles"]
+    assert quantiles["local"][1] > quantiles["local"][0] > 0  # fitted on the validation split
+
+
+def test_evaluate_in_a_fresh_process_reproduces_train_metrics(trained_run, tmp_path):
+    run_dir = trained_run["run_dir"]
+    run_script("evaluate.py", "--checkpoint", str(trained_run["checkpoint"]), "--output_dir", str(tmp_path))
+    train_metrics = json.loads((run_dir / "metrics.json").read_text())
+    eval_metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert assert_same_metrics(train_metrics, eval_metrics) >= 7
+    train_scores = {row["path"]: row["score"] for row in read_scores_csv(run_dir / "scores.csv")}
+    eval_scores = {row["path"]: row["score"] for row in read_scores_csv(tmp_path / "scores.csv")}
+    assert train_scores.keys() == eval_scores.keys()
+    assert max(abs(train_scores[p] - eval_scores[p]) for p in train_scores) <= 1e-6
+
+
+def test_evaluation_on_two_ddp_processes_equals_one(trained_run, tmp_path):
+    run_script("evaluate.py", "--checkpoint", str(trained_run["checkpoint"]), "--output_dir", str(tmp_path),
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp")
+    single = json.loads((trained_run["run_dir"] / "metrics.json").read_text())
+    double = json.loads((tmp_path / "metrics.json").read_text())
+    assert double["run"]["test_images"] == single["run"]["test_images"]  # no padded duplicates
+    assert assert_same_metrics(single, double) >= 7
+
+
+def test_ddp_training_with_bf16_runs_and_reports(embedded_root, tmp_path):
+    args = tiny_ulsad_args(embedded_root, tmp_path, "--trainer.accelerator=cpu", "--trainer.devices=2",
+                           "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed", "--run.name=ddp")
+    run_script("train.py", *args)
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["run"]["test_images"] == 40
+    assert not (tmp_path / "ddp_v2").exists()  # both ranks wrote into one run folder
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict"]["network.feature_std"].abs().sum() > 0
+    assert checkpoint["state_dict"]["map_quantiles"].abs().sum() > 0
+
+
+def test_resume_after_a_crash_continues_from_the_last_checkpoint(embedded_root, tmp_path):
+    crash = ('--trainer.callbacks+={"class_path": "tests.crash_callback.CrashAtStep", '
+             '"init_args": {"step": 4}}')
+    args = tiny_ulsad_args(embedded_root, tmp_path, "--trainer.max_epochs=3", "--run.name=resumable")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train([*args, crash])
+    last = tmp_path / "resumable" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    results = train([*args, "--run.resume=true"])
+    assert results["run_dir"] == tmp_path / "resumable"
+    final = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)
+    assert final["global_step"] == 9  # 3 epochs × 3 steps: the crashed run's steps are not redone
+    assert (tmp_path / "resumable" / "metrics.json").is_file()
+
+
+def test_corrupt_image_and_missing_mask_fail_before_training(tmp_path):
+    root = make_mvtec_ad(tmp_path / "mvtec", categories=("widget",))
+    corrupt = next((root / "widget" / "train" / "good").glob("*.png"))
+    corrupt.write_bytes(b"not an image at all")
+    missing_mask = next((root / "widget" / "ground_truth").rglob("*_mask.png"))
+    missing_mask.unlink()
+    args = ["--config", str(REPO / "configs/quickstart.yaml"), "--data.layout=mvtec_ad", f"--data.root={root}",
+            "--data.categories=widget", "--data.image_size=128", "--model.init_args.backbone=resnet18",
+            "--model.init_args.pretrained=false", "--model.init_args.frn_hidden_scale=0.25",
+            "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false"]
+    with pytest.raises(DatasetError) as error:
+        train(args)
+    assert str(corrupt) in str(error.value) and missing_mask.name in str(error.value)
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_bad_dataset_root_names_the_path(tmp_path):
+    args = ["--config", str(REPO / "configs/quickstart.yaml"), "--data.layout=mvtec_ad",
+            f"--data.root={tmp_path / 'nowhere'}", "--model.init_args.backbone=resnet18",
+            "--model.init_args.pretrained=false", "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}"]
+    with pytest.raises(DatasetError, match="nowhere"):
+        train(args)

@@ -1,0 +1,156 @@
+"""ULSAD's LightningModule: loss terms, Table 3 ablation flags, fitted statistics (spec §4, §5, §7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.ulsad import ULSAD
+from networks.ulsad import attention_pool
+
+SIZE = 128
+
+
+def make_detector(**overrides) -> ULSAD:
+    """A weights-free, small ULSAD: resnet18's layer2+layer3 fuse to exactly 384 channels."""
+    torch.manual_seed(0)
+    args = dict(backbone="resnet18", pretrained=False, image_size=SIZE, frn_hidden_scale=0.25, cache_features=False)
+    args.update(overrides)
+    detector = ULSAD(**args)
+    detector.network.set_feature_statistics(torch.zeros(384), torch.ones(384))
+    return detector
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.rand(4, 3, SIZE, SIZE, generator=generator)
+
+
+def plain_distance(x, y, weight):
+    """mean_c (x-y)^2 + w (1 - cos_c), written independently of networks.ulsad."""
+    return ((x - y) ** 2).mean(1) + weight * (1 - F.cosine_similarity(x, y, dim=1))
+
+
+def loss_inputs(detector: ULSAD, images: torch.Tensor):
+    detector.train()
+    torch.manual_seed(5)
+    features = detector.network.standardize(detector.network.extract_features(images))
+    return features
+
+
+def test_predict_map_shape_at_256_px():
+    detector = make_detector(image_size=256)
+    detector.eval()
+    with torch.no_grad():
+        output = detector.predict(torch.rand(2, 3, 256, 256))
+    assert output.anomaly_map.shape == (2, 1, 256, 256)
+    assert output.image_score is None  # the base takes the max of the map, as the reference does
+    assert torch.isfinite(output.anomaly_map).all()
+
+
+def test_local_cosine_weight_alpha_changes_local_loss_as_defined(images):
+    with_cosine, without_cosine = make_detector(alpha_local=0.5), make_detector(alpha_local=0.0)
+    features = loss_inputs(with_cosine, images)
+    local, _ = with_cosine.network.frn(features).split(384, dim=1)
+    terms_with = with_cosine.loss_terms(features, images)
+    without_cosine.load_state_dict(with_cosine.state_dict())
+    terms_without = without_cosine.loss_terms(features, images)
+    assert terms_without["loss_local"].item() == pytest.approx(((features - local) ** 2).mean().item(), rel=1e-4)
+    assert terms_with["loss_local"].item() == pytest.approx(plain_distance(features, local, 0.5).mean().item(), rel=1e-4)
+    assert terms_with["loss_local"] > terms_without["loss_local"]
+
+
+def test_beta_weights_tie_loss_and_by_default_also_the_attention_cosine(images):
+    detector = make_detector(beta_global=0.5)
+    features = loss_inputs(detector, images)
+    terms = detector.loss_terms(features, images)
+    with torch.no_grad():
+        _, global_support = detector.network.frn(features).split(384, dim=1)
+        autoencoder = detector.network.autoencoder(images)
+        target = attention_pool(features, features)
+        attended = attention_pool(autoencoder, features)
+    assert terms["loss_tie"].item() == pytest.approx(
+        plain_distance(autoencoder, global_support, 0.5).mean().item(), rel=1e-4)
+    # lambda_attn_cos=None reproduces the official code: the attention loss's cosine weight is beta (spec §8.1)
+    assert terms["loss_global"].item() == pytest.approx(plain_distance(target, attended, 0.5).mean().item(), rel=1e-4)
+
+    beta_zero = make_detector(beta_global=0.0)
+    beta_zero.load_state_dict(detector.state_dict())
+    terms_zero = beta_zero.loss_terms(features, images)
+    assert terms_zero["loss_tie"].item() == pytest.approx(((autoencoder - global_support) ** 2).mean().item(), rel=1e-4)
+    assert terms_zero["loss_global"].item() == pytest.approx(((target - attended) ** 2).mean().item(), rel=1e-4)
+
+    separate = make_detector(beta_global=0.0, lambda_attn_cos=0.5)
+    separate.load_state_dict(detector.state_dict())
+    terms_separate = separate.loss_terms(features, images)
+    assert terms_separate["loss_global"].item() == pytest.approx(terms["loss_global"].item(), rel=1e-4)
+    assert terms_separate["loss_tie"].item() == pytest.approx(terms_zero["loss_tie"].item(), rel=1e-4)
+
+
+def test_feature_distance_variant_replaces_attention_loss(images):
+    detector = make_detector(use_attention_loss=False)
+    features = loss_inputs(detector, images)
+    terms = detector.loss_terms(features, images)
+    with torch.no_grad():
+        autoencoder = detector.network.autoencoder(images)
+    assert terms["loss_global"].item() == pytest.approx(plain_distance(features, autoencoder, 0.5).mean().item(),
+                                                        rel=1e-4)
+
+
+def test_tie_loss_off_drops_the_term_and_uses_attention_map(images):
+    detector = make_detector(use_tie_loss=False)
+    features = loss_inputs(detector, images)
+    assert set(detector.loss_terms(features, images)) == {"loss_local", "loss_global"}
+    detector.eval()
+    with torch.no_grad():
+        _, global_map = detector.raw_maps(images)
+        with_tie = make_detector()
+        with_tie.load_state_dict(detector.state_dict())
+        with_tie.eval()
+        _, tie_map = with_tie.raw_maps(images)
+    assert not torch.allclose(global_map, tie_map)
+
+
+def test_each_loss_term_is_finite_and_decreases_over_a_few_steps(images):
+    detector = make_detector()
+    features = loss_inputs(detector, images)
+    optimizer = torch.optim.Adam([p for p in detector.network.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(12):
+        terms = detector.loss_terms(features, images)
+        optimizer.zero_grad()
+        sum(terms.values()).backward()
+        optimizer.step()
+        history.append({k: v.item() for k, v in terms.items()})
+    for name in ("loss_local", "loss_global", "loss_tie"):
+        values = [h[name] for h in history]
+        assert all(torch.isfinite(torch.tensor(values))), name
+        assert min(values[-3:]) < values[0], f"{name} did not decrease: {values}"
+
+
+def test_calibration_maps_quantiles_to_zero_and_point_one(images):
+    detector = make_detector()
+    detector.eval()
+    with torch.no_grad():
+        local_map, global_map = detector.raw_maps(images)
+    detector.fit_calibration({"local": local_map.flatten(1), "global": global_map.flatten(1)})
+    q = detector.map_quantiles
+    assert torch.allclose(q[0], torch.quantile(local_map.flatten(), 0.9))
+    assert torch.allclose(q[3], torch.quantile(global_map.flatten(), 0.995))
+    normalized_local, normalized_global = detector._normalize(local_map, global_map)
+    assert torch.quantile(normalized_local.flatten(), 0.9).item() == pytest.approx(0.0, abs=1e-5)
+    assert torch.quantile(normalized_global.flatten(), 0.995).item() == pytest.approx(0.1, abs=1e-5)
+
+
+def test_fitted_statistics_are_in_the_state_dict():
+    detector = make_detector()
+    detector.map_quantiles.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    state = detector.state_dict()
+    assert torch.equal(state["map_quantiles"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(state["network.feature_std"].flatten(), torch.ones(384))
+    fresh = make_detector()
+    fresh.network.feature_std.zero_()
+    fresh.load_state_dict(state)
+    assert fresh.network.statistics_fitted and torch.equal(fresh.map_quantiles, detector.map_quantiles)
