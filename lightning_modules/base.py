@@ -148,6 +148,11 @@ class AnomalyDetector(LightningModule, ABC):
         return {k: gather_samples(v) for k, v in local.items()}
 
     # ------------------------------------------------------------------ training-time hooks
+    def on_fit_start(self) -> None:
+        # Which weights the run uses goes into every logger's config (W&B too), not only metrics.json.
+        for logger in self.loggers:
+            logger.log_hyperparams({"weights_source": self.weights_source})
+
     def on_train_start(self) -> None:
         datamodule = self.trainer.datamodule
         self.fit_pre_training_statistics(datamodule.statistics_dataloader())
@@ -312,6 +317,8 @@ def compute_metrics_table(results: dict[str, Tensor], records, with_kinds: bool)
     for category in sorted(set(categories.tolist())):
         in_category = categories == category
         for subset in subsets:
+            if subset != "all" and not (in_category & (kinds == subset)).any():
+                continue  # e.g. a texture category with no logical anomalies
             chosen = in_category & ((kinds == "good") | (kinds == subset) if subset != "all" else True)
             index = torch.from_numpy(np.flatnonzero(chosen))
             if index.numel() == 0:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
@@ -63,6 +63,21 @@ def resolve_run_dir(output_root: str, name: str, resume: bool, explicit: str | N
         chosen = next(path for path in versions if not (path.exists() and any(path.iterdir())))
     os.environ[RUN_DIR_ENV] = str(chosen)
     return chosen
+
+
+class SaveOnException(Callback):
+    """Write `last.ckpt` when training dies (crash, Ctrl-C) so `--run.resume` loses nothing.
+
+    Lightning's OnExceptionCheckpoint does the same but also turns every later `fit(ckpt_path=None)`
+    into an implicit resume from "last"; resuming here is always explicit (`--run.resume`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn == "fit" and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
 
 
 class AnomalyCLI(LightningCLI):
@@ -125,7 +140,7 @@ class AnomalyCLI(LightningCLI):
             ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                             enable_version_counter=False,
                             every_n_train_steps=self.config.run.checkpoint_every_n_steps),
-            OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="last"),
+            SaveOnException(checkpoint_dir / "last.ckpt"),
         ]
         if not any(isinstance(c, RichProgressBar) for c in callbacks) and self.config.trainer.enable_progress_bar is not False:
             callbacks.append(RichProgressBar())

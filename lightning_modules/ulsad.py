@@ -72,6 +72,7 @@ class ULSAD(AnomalyDetector):
         # (q_low, q_high) of the local map, then of the global map; zeros = not fitted yet.
         self.register_buffer("map_quantiles", torch.zeros(4))
         self._feature_cache: dict[int, Tensor] = {}
+        self.register_buffer("constant_feature_channels", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ features
     def _standardized_features(self, batch: dict[str, Any]) -> Tensor:
@@ -101,6 +102,12 @@ class ULSAD(AnomalyDetector):
         count = sums["count"].sum()
         mean = sums["sum"].sum(0) / count
         std = (sums["sum_sq"].sum(0) / count - mean**2).clamp_min(0).sqrt()
+        # The reference divides without an epsilon. A channel that is constant over the training set (a dead
+        # ReLU, common with random weights) would divide by zero; it carries no information, so it is
+        # standardised with std 1 (it becomes 0) and every other channel is untouched.
+        constant = std <= 1e-12
+        self.constant_feature_channels.fill_(int(constant.sum()))
+        std = torch.where(constant, torch.ones_like(std), std)
         self.network.set_feature_statistics(mean.float(), std.float())
 
     # ------------------------------------------------------------------ losses
@@ -194,7 +201,13 @@ class ULSAD(AnomalyDetector):
             fitted.append(torch.quantile(values.to(self.device), levels))
         self.map_quantiles.copy_(torch.cat(fitted))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # Checkpoints written before this buffer existed count no constant channels.
+        checkpoint["state_dict"].setdefault("constant_feature_channels", torch.zeros((), dtype=torch.long))
+
     def run_info(self) -> dict[str, Any]:
         q = self.map_quantiles.tolist()
         return {**super().run_info(), "map_quantiles": {"local": q[:2], "global": q[2:]},
-                "feature_statistics_fitted": self.network.statistics_fitted}
+                "feature_statistics_fitted": self.network.statistics_fitted,
+                "constant_feature_channels": int(self.constant_feature_channels)}

@@ -1,0 +1,540 @@
+"""Model-only inference throughput and peak memory of a detector; optionally one training step.
+
+    python bench/throughput.py --config configs/ulsad/mvtec_ad.yaml --image-size 256 --batch-size 8 \
+        --precision fp32 bf16 --iterations 5 --warmup 1 [--json out.json] [--model.init_args.frn_hidden_scale=0.5]
+
+The detector is built by the same command line as ``train.py`` (``AnomalyCLI``), so any dotted
+override after the options reaches it; the class's ``checkpoint_init_overrides`` make it weights-free
+(random backbone / teacher, no penalty images), which changes no layer shape and hence no speed.
+Its fitted statistics (feature standardisation, map quantiles, Gaussians) are fitted on random images
+through the detector's own hooks, so ``predict`` runs the same code path as after training.
+
+What is timed: ``AnomalyDetector.evaluation_map`` on a batch already on the device (the network, the
+map post-processing, the upsampling to the evaluation size and the image score; no data loading, no
+metrics), under ``torch.inference_mode`` like Lightning's test loop; ``torch.cuda.synchronize`` around
+every batch on GPU. ``--train-step`` times forward + backward + optimizer step of ``training_step``.
+
+Peak memory:
+- cuda: ``torch.cuda.max_memory_allocated`` over warm-up and timed batches (tensors only; the caching
+  allocator's reserve and the CUDA context are not counted), and its increase over what was allocated
+  before (the model and the input batch);
+- cpu: the process's resident-set high-water mark (``VmHWM``), reset just before the warm-up by writing
+  5 to ``/proc/self/clear_refs`` after ``malloc_trim`` has returned freed heap to the OS, and its increase
+  over the resident set at that moment (the model and the input batch are already resident). The
+  absolute peak includes the Python interpreter and the loaded libraries (~0.4-0.5 GiB with torch). RSS
+  counts every allocation torch makes, which ``tracemalloc`` (Python allocations only) does not see.
+  Where the reset is unavailable (not Linux), ``resource.getrusage`` max-RSS growth is reported, which
+  is a lower bound because the statistics fitting before may already have set a higher mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+PRECISIONS = ("fp32", "bf16")
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------- memory
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def release_free_heap() -> None:
+    """Hand memory that was freed but kept by glibc's malloc back to the OS (``malloc_trim``).
+
+    Without it the resident set at ``start()`` would include the heap freed by earlier work (fitting the
+    statistics), the measured code would reuse those pages, and its increase would read as zero.
+    """
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the increase may be understated, the peak is unaffected
+
+
+def _max_rss_mib() -> float:
+    """getrusage's max RSS: KiB on Linux, bytes on macOS."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MIB
+
+
+class PeakMemory:
+    """Peak memory of the code run between ``start()`` and ``stop()`` on one device.
+
+    ``peak_mib`` is the high-water mark; ``increase_mib`` its growth over what was in use at ``start()``;
+    ``measure`` names what was read, so a reader knows which of the three methods produced the figure.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = float("nan")
+        self.increase_mib = float("nan")
+        self.measure = ""
+
+    def start(self) -> None:
+        gc.collect()
+        release_free_heap()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device) / MIB
+            self.measure = "torch.cuda.max_memory_allocated"
+            return
+        try:  # Linux: reset VmHWM to the current RSS so the mark belongs to this measurement alone
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self._baseline = _proc_status_kib("VmRSS") / 1024
+            self.measure = "process RSS high-water (VmHWM, reset)"
+        except (OSError, TypeError):
+            self._baseline = _max_rss_mib()
+            self.measure = "getrusage max-RSS growth (lower bound)"
+
+    def stop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / MIB
+        elif self.measure.startswith("process RSS"):
+            self.peak_mib = _proc_status_kib("VmHWM") / 1024
+        else:
+            self.peak_mib = _max_rss_mib()
+        self.increase_mib = max(0.0, self.peak_mib - self._baseline)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def precision_context(precision: str, device: torch.device):
+    """bf16 = autocast to bfloat16, exactly what Lightning's ``bf16-mixed`` does; fp32 = nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------------- building a detector
+def _cli_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def detector_class(config: str | Path) -> type:
+    """The LightningModule class named by a config's ``model.class_path`` (ImportError if it is not there)."""
+    with open(config) as handle:
+        class_path = yaml.safe_load(handle)["model"]["class_path"]
+    module_name, class_name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_detector(config: str | Path, image_size: int | None, extra_args: list[str], run_dir: str):
+    """The detector of ``config`` as ``train.py`` would build it, weights-free, plus overrides.
+
+    Returns the module (on CPU, not attached to a trainer).
+    """
+    from lightning_modules.cli import AnomalyCLI
+
+    cls = detector_class(config)
+    args = [
+        "--config",
+        str(config),
+        f"--run.dir={run_dir}",
+        "--wandb.mode=disabled",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+    ]
+    args += [
+        f"--model.init_args.{key}={_cli_value(value)}" for key, value in cls.checkpoint_init_overrides.items()
+    ]
+    if image_size is not None:
+        args.append(f"--data.image_size={image_size}")
+        if "image_size" in inspect.signature(cls.__init__).parameters:
+            args.append(f"--model.init_args.image_size={image_size}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="LightningCLI's args parameter"
+        )  # our own sys.argv is not its
+        cli = AnomalyCLI(args=args + list(extra_args))
+    return cli.model
+
+
+def random_batches(
+    count: int, batch_size: int, image_size: int, device: torch.device, seed: int = 0
+) -> list[dict]:
+    """Dict batches shaped like the datamodule's (normal images: label 0, empty masks), random pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for position in range(count):
+        images = torch.rand(batch_size, 3, image_size, image_size, generator=generator)
+        batches.append(
+            {
+                "image": images.to(device),
+                "mask": torch.zeros(batch_size, 1, image_size, image_size, device=device),
+                "label": torch.zeros(batch_size, dtype=torch.long, device=device),
+                "has_mask": torch.ones(batch_size, dtype=torch.bool, device=device),
+                "index": torch.arange(position * batch_size, (position + 1) * batch_size, device=device),
+                "category": ["random"] * batch_size,
+                "path": [f"random_{position}_{i}.png" for i in range(batch_size)],
+                "defect_type": ["good"] * batch_size,
+                "anomaly_kind": ["good"] * batch_size,
+            }
+        )
+    return batches
+
+
+@contextmanager
+def stand_in_trainer(
+    detector, batches: list[dict], precision: str, total_steps: int = 1000
+) -> Iterator[None]:
+    """Lets hooks that read ``self.trainer`` run without a Trainer (PUAD's calibration fits its Gaussian on
+    ``trainer.datamodule.statistics_dataloader()``; EfficientAD's optimizer reads ``estimated_stepping_batches``).
+    Here the "training set" is the same random batches."""
+    device = batches[0]["image"].device
+    detector._trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(statistics_dataloader=lambda: batches),
+        precision_plugin=SimpleNamespace(forward_context=lambda: precision_context(precision, device)),
+        estimated_stepping_batches=total_steps,
+        global_rank=0,
+        is_global_zero=True,
+    )
+    try:
+        yield
+    finally:
+        detector._trainer = None
+
+
+def fit_dummy_statistics(
+    detector, train_batches: list[dict], validation_batches: list[dict], precision: str
+) -> None:
+    """Run the detector's own statistics hooks on random images, as training and calibration would.
+
+    Distinct "train" and "validation" images, as in a real run: statistics fitted and then evaluated on the
+    same few images can degenerate (e.g. two points are equidistant from their own mean, so a z-score's
+    standard deviation would be 0).
+    """
+    device = train_batches[0]["image"].device
+    with stand_in_trainer(detector, train_batches, precision):
+        detector.fit_pre_training_statistics(train_batches)
+        detector.eval()
+        with torch.no_grad(), precision_context(precision, device):
+            outputs = [
+                {k: v.detach().float() for k, v in detector.calibration_step(b).items()}
+                for b in validation_batches
+            ]
+        detector.fit_calibration(detector._concat_and_gather(outputs))
+
+
+# ---------------------------------------------------------------------- measurements
+@dataclass
+class Measurement:
+    detector: str
+    config: str
+    mode: str  # "predict" | "train-step"
+    device: str
+    precision: str
+    channels_last: bool
+    threads: int
+    batch_size: int
+    image_size: int
+    iterations: int
+    images_per_s: float
+    ms_per_image: float
+    batch_ms_median: float
+    batch_ms_min: float
+    peak_memory_mib: float
+    memory_increase_mib: float
+    memory_measure: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _time_batches(run_batch, iterations: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        run_batch()
+    synchronize(device)
+    seconds = []
+    for _ in range(iterations):
+        synchronize(device)
+        start = time.perf_counter()
+        run_batch()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _optimizer_of(configured) -> torch.optim.Optimizer:
+    """The optimizer out of any return form of ``configure_optimizers``."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return configured
+    if isinstance(configured, dict):
+        return configured["optimizer"]
+    first = configured[0]
+    return first[0] if isinstance(first, (list, tuple)) else _optimizer_of(first)
+
+
+def measure(
+    config: str, args: argparse.Namespace, precision: str, extra_args: list[str], console: Console
+) -> Measurement:
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory(prefix="bench_throughput_") as run_dir:
+        detector = build_detector(config, args.image_size, extra_args, run_dir)
+    image_size = args.image_size or int(detector.hparams.get("image_size", 256))
+    detector.to(device)
+    if args.channels_last:
+        detector.to(memory_format=torch.channels_last)
+    # At least 4 images each: a spread (standard deviation, quantile range) of fewer is degenerate.
+    fit_batches = max(args.fit_batches, math.ceil(4 / args.batch_size))
+    batches = random_batches(fit_batches, args.batch_size, image_size, device)
+    validation_batches = random_batches(fit_batches, args.batch_size, image_size, device, seed=100)
+    started = time.perf_counter()
+    fit_dummy_statistics(detector, batches, validation_batches, precision)
+    console.log(
+        f"{type(detector).__name__}: statistics fitted on 2×{fit_batches} random batch(es) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    notes = []
+    batch = random_batches(1, args.batch_size, image_size, device, seed=200)[0]
+    if args.channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+
+    memory = PeakMemory(device)
+    if args.train_step:
+        with stand_in_trainer(detector, batches, precision):
+            optimizer = _optimizer_of(detector.configure_optimizers())
+        detector.train()
+        if getattr(detector.hparams, "cache_features", False):
+            notes.append(
+                "backbone features cached after the first step (epochs ≥ 2); "
+                "--model.init_args.cache_features=false times the first epoch"
+            )
+
+        def run_batch() -> None:
+            with precision_context(precision, device):
+                loss = detector.training_step(batch, 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    else:
+        detector.eval()
+
+        def run_batch() -> None:
+            with torch.inference_mode(), precision_context(precision, device):
+                detector.evaluation_map(batch["image"])
+
+    memory.start()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is a no-op
+        seconds = _time_batches(run_batch, args.iterations, args.warmup, device)
+    memory.stop()
+    total = sum(seconds)
+    result = Measurement(
+        detector=type(detector).__name__,
+        config=str(config),
+        mode="train-step" if args.train_step else "predict",
+        device=str(device),
+        precision=precision,
+        channels_last=args.channels_last,
+        threads=torch.get_num_threads(),
+        batch_size=args.batch_size,
+        image_size=image_size,
+        iterations=args.iterations,
+        images_per_s=args.batch_size * len(seconds) / total,
+        ms_per_image=1000 * total / (args.batch_size * len(seconds)),
+        batch_ms_median=1000 * statistics.median(seconds),
+        batch_ms_min=1000 * min(seconds),
+        peak_memory_mib=memory.peak_mib,
+        memory_increase_mib=memory.increase_mib,
+        memory_measure=memory.measure,
+        notes=notes,
+    )
+    return result
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1_5_15"] = list(os.getloadavg())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_table(rows: list[Measurement], console: Console) -> None:
+    modes = " + ".join(dict.fromkeys(row.mode for row in rows))
+    table = Table(title=f"Detector {modes} throughput (no data loading; random images; weights-free)")
+    for name in (
+        "detector",
+        "mode",
+        "device",
+        "precision",
+        "batch",
+        "size",
+        "img/s",
+        "ms/img",
+        "ms/batch (median)",
+        "peak MiB",
+        "Δ MiB",
+    ):
+        table.add_column(
+            name, justify="right" if name not in ("detector", "mode", "device", "precision") else "left"
+        )
+    for row in rows:
+        table.add_row(
+            row.detector,
+            row.mode,
+            row.device,
+            row.precision + (" CL" if row.channels_last else ""),
+            str(row.batch_size),
+            str(row.image_size),
+            f"{row.images_per_s:.2f}",
+            f"{row.ms_per_image:.1f}",
+            f"{row.batch_ms_median:.0f}",
+            f"{row.peak_memory_mib:.0f}",
+            f"{row.memory_increase_mib:.0f}",
+        )
+    console.print(table)
+    for measure in dict.fromkeys(row.memory_measure for row in rows):
+        console.print(f"memory: {measure}; Δ = growth over the model and input already resident")
+    if any(row.mode == "train-step" for row in rows):
+        console.print("train-step memory includes the optimizer state created in the warm-up step")
+    for note in dict.fromkeys(note for row in rows for note in row.notes):
+        console.print(f"note: {note}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Unrecognised --dotted.key=value arguments go to the detector's command line (as in train.py).",
+    )
+    parser.add_argument(
+        "--config",
+        nargs="+",
+        default=["configs/ulsad/mvtec_ad.yaml"],
+        help="one or more detector configs; a detector whose class cannot be imported is skipped",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the config's")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["bf16"])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--iterations", type=int, default=5, help="timed batches")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed batches first (allocator, kernel choice)"
+    )
+    parser.add_argument("--fit-batches", type=int, default=1, help="random batches for the dummy statistics")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="convert the whole module and the input to channels_last (the networks already do "
+        "it for their conv stacks; this also covers the rest)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="time forward + backward + optimizer step of training_step instead of predict",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and machine facts here")
+    return parser.parse_known_args(argv)
+
+
+def quiet_lightning() -> None:
+    """Lightning's INFO lines (accelerator summary, seed) for every detector built would bury the table.
+
+    Lightning sets its loggers to INFO when imported, so import it first.
+    """
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_console() -> Console:
+    """Rich wraps to 80 columns when the output is not a terminal; the tables need more."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def main(argv: list[str] | None = None) -> list[Measurement]:
+    args, extra_args = parse_args(argv)
+    quiet_lightning()
+    console = make_console()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda asked for, but torch sees no GPU[/red]")
+        raise SystemExit(2)
+    info = machine_info(device)
+    rows: list[Measurement] = []
+    skipped: dict[str, str] = {}
+    for config in args.config:
+        try:
+            detector_class(config)
+        except (ImportError, AttributeError) as error:
+            skipped[config] = f"{type(error).__name__}: {error}"
+            console.print(
+                f"[yellow]skipped {config}: detector class not importable ({skipped[config]})[/yellow]"
+            )
+            continue
+        for precision in args.precision:
+            rows.append(measure(config, args, precision, extra_args, console))
+    if hasattr(os, "getloadavg"):
+        info["load_average_after"] = list(os.getloadavg())
+    if rows:
+        print_table(rows, console)
+    console.print(f"machine: {info}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "machine": info,
+            "extra_args": extra_args,
+            "skipped": skipped,
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
+        console.print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
