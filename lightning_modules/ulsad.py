@@ -132,8 +132,9 @@ class ULSAD(AnomalyDetector):
         features = self._standardized_features(batch)
         terms = self.loss_terms(features, batch["image"])
         loss = sum(terms.values())
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        batch_size = batch["image"].shape[0]
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         return loss
 
     def configure_optimizers(self):

@@ -1,0 +1,532 @@
+"""The sweep YAMLs, the offline runner and the ablation report, without training a model.
+
+The YAMLs are checked against the real command line: every parameter value, rendered both the way
+the W&B agent renders it and the way run_offline.py does, must parse with train.py's parser and
+arrive unchanged in the config. One representative sweep point also goes through a real
+`python train.py ... --print_config` subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from rich.console import Console
+
+from sweeps import report, run_offline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SWEEPS_DIR = REPO_ROOT / "sweeps"
+SWEEP_FILES = sorted(SWEEPS_DIR.glob("*.yaml"))
+GRID_SWEEP_FILES = [path for path in SWEEP_FILES if yaml.safe_load(path.read_text()).get("method") == "grid"]
+EXPECTED_SWEEPS = {"ulsad_table3_ablation", "ulsad_hparams", "ulsad_mvtec_ad_categories", "puad_ablation"}
+REPRESENTATIVE_SWEEP = SWEEPS_DIR / "ulsad_table3_ablation.yaml"
+MVTEC_AD_CATEGORIES = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                       "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
+
+
+def _config_of(sweep: dict) -> str:
+    command = [str(element) for element in sweep["command"]]
+    return command[command.index("--config") + 1]
+
+
+def _candidate_values(spec: dict) -> list[Any]:
+    """The values a sweep can produce for one parameter: each listed value, or the ends of a range."""
+    if "values" in spec:
+        return list(spec["values"])
+    if "value" in spec:
+        return [spec["value"]]
+    return [spec["min"], spec["max"]]
+
+
+def _same_value(parsed: Any, expected: Any) -> bool:
+    if isinstance(expected, bool) or expected is None:
+        return parsed is expected
+    if isinstance(expected, (int, float)):
+        return isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and math.isclose(parsed, expected)
+    if isinstance(expected, (list, tuple)):
+        return list(parsed) == list(expected)
+    return parsed == expected
+
+
+# ---------------------------------------------------------------------------------------------- the YAMLs
+def test_the_expected_sweeps_exist():
+    assert EXPECTED_SWEEPS <= {path.stem for path in SWEEP_FILES}
+
+
+@pytest.mark.parametrize("sweep_path", SWEEP_FILES, ids=lambda path: path.stem)
+def test_sweep_yaml_is_a_train_py_sweep_with_flat_cli_keys(sweep_path: Path):
+    sweep = run_offline.load_sweep(sweep_path)  # raises on nested parameters
+    assert sweep["program"] == "train.py"
+    command = [str(element) for element in sweep["command"]]
+    assert command[:3] == ["${env}", "${interpreter}", "${program}"]
+    assert "${args}" in command and command.index("${args}") > command.index("--config")
+    assert (REPO_ROOT / _config_of(sweep)).is_file(), f"{sweep_path.name}: {_config_of(sweep)} does not exist"
+    assert sweep["metric"] == {"name": "test/mean/image_AUROC", "goal": "maximize"}
+    assert sweep["method"] in ("grid", "random", "bayes")
+    for key, spec in sweep["parameters"].items():
+        assert "." in key or key == "seed_everything", f"{sweep_path.name}: {key} is not a dotted CLI key"
+        assert set(spec) & {"value", "values", "min"}, f"{sweep_path.name}: {key} has no values"
+        # W&B renders None as the text "None", which jsonargparse does not read as null.
+        assert None not in _candidate_values(spec), f"{sweep_path.name}: {key} has a null value"
+        if sweep["method"] == "grid":
+            assert set(spec) & {"value", "values"}, f"{sweep_path.name}: grid parameter {key} needs values"
+
+
+def test_table3_grid_covers_every_switch_setting_for_every_mvtec_ad_category():
+    sweep = run_offline.load_sweep(REPRESENTATIVE_SWEEP)
+    points = run_offline.sweep_points(sweep)
+    assert len(points) == 2 * 2 * 2 * 2 * 15
+    settings = {(p["model.init_args.alpha_local"], p["model.init_args.beta_global"],
+                 p["model.init_args.use_attention_loss"], p["model.init_args.use_tie_loss"]) for p in points}
+    assert settings == {(a, b, att, tie) for a in (0.5, 0.0) for b in (0.5, 0.0)
+                        for att in (True, False) for tie in (True, False)}
+    # The first 15 points are the full model on every category, so --max-runs 15 gives the paper's main row.
+    assert [p["data.categories"] for p in points[:15]] == MVTEC_AD_CATEGORIES
+    assert all((p["model.init_args.alpha_local"], p["model.init_args.beta_global"],
+                p["model.init_args.use_attention_loss"], p["model.init_args.use_tie_loss"]) == (0.5, 0.5, True, True)
+               for p in points[:15])
+    # sweeps/README.md's index rule: index = 15 * s + c, s = 8[alpha=0] + 4[beta=0] + 2[no attention] + [no tie].
+    for index, point in enumerate(points):
+        s = (8 * (point["model.init_args.alpha_local"] == 0.0) + 4 * (point["model.init_args.beta_global"] == 0.0)
+             + 2 * (not point["model.init_args.use_attention_loss"]) + (not point["model.init_args.use_tie_loss"]))
+        assert index == 15 * s + MVTEC_AD_CATEGORIES.index(point["data.categories"])
+
+
+def test_category_sweep_runs_one_model_per_mvtec_ad_category():
+    sweep = run_offline.load_sweep(SWEEPS_DIR / "ulsad_mvtec_ad_categories.yaml")
+    assert [point["data.categories"] for point in run_offline.sweep_points(sweep)] == MVTEC_AD_CATEGORIES
+
+
+@pytest.mark.parametrize("sweep_path", GRID_SWEEP_FILES, ids=lambda path: path.stem)
+def test_grid_size_is_the_product_of_the_value_counts(sweep_path: Path):
+    sweep = run_offline.load_sweep(sweep_path)
+    expected = math.prod(len(spec.get("values", [None])) for spec in sweep["parameters"].values())
+    points = run_offline.sweep_points(sweep)
+    assert len(points) == expected
+    assert len({json.dumps(point, sort_keys=True) for point in points}) == expected
+
+
+# ---------------------------------------------------------------------------------------------- CLI keys
+class _ParserCaptured(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def print_config_run(tmp_path_factory):
+    """`python train.py <point 15 of the Table 3 sweep> --print_config`, started in the background.
+
+    The subprocess and the in-process parser (below) each spend seconds importing torch and Lightning;
+    starting the subprocess first lets the two overlap, which keeps this file within its time budget.
+    """
+    root, records = run_offline.plan_sweep(REPRESENTATIVE_SWEEP, output_root=tmp_path_factory.mktemp("cfg") / "sweep",
+                                           max_runs=16)
+    point = records[15]  # full model (alpha 0.5 ...) on a different category than the config's default
+    process = subprocess.Popen([*point.command, "--print_config"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    yield root, point, process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+@pytest.fixture(scope="module")
+def cli_parser(print_config_run):
+    """train.py's own parser, built once in this process (building the CLI and stopping before parsing)."""
+    from lightning_modules.cli import AnomalyCLI
+
+    class ParserOnly(AnomalyCLI):
+        def parse_arguments(self, parser, args):
+            raise _ParserCaptured(parser)
+
+    with pytest.raises(_ParserCaptured) as captured:
+        ParserOnly(args=[])
+    parser = captured.value.args[0]
+    parser.exit_on_error = False  # an unknown key raises instead of exiting
+    return parser
+
+
+def _wandb_agent_args(point: dict[str, Any]) -> list[str]:
+    """The `${args}` the W&B agent itself builds (its own function, not a copy)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {key: {"value": value} for key, value in point.items()}})["args"]
+
+
+def _rows(candidates: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Enough points to use every candidate value at least once (one parse per point, not per value)."""
+    count = max((len(values) for values in candidates.values()), default=0)
+    return [{key: values[index % len(values)] for key, values in candidates.items()} for index in range(count)]
+
+
+@pytest.mark.parametrize("sweep_path", SWEEP_FILES, ids=lambda path: path.stem)
+def test_every_parameter_value_parses_with_train_py_parser(sweep_path: Path, cli_parser):
+    sweep = run_offline.load_sweep(sweep_path)
+    config = _config_of(sweep)
+    if not (REPO_ROOT / config).is_file():
+        pytest.skip(f"{config} not present")
+    class_path = yaml.safe_load((REPO_ROOT / config).read_text())["model"]["class_path"]
+    module_file = REPO_ROOT / (class_path.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    if not module_file.is_file():
+        pytest.skip(f"{module_file.relative_to(REPO_ROOT)} not present")
+    candidates = {key: _candidate_values(spec) for key, spec in sweep["parameters"].items()}
+    # The W&B agent writes str(value) (`True`, `['a', 'b']`); check those values in its rendering too.
+    agent_differs = {key: [value for value in values if _wandb_agent_args({key: value})
+                           != run_offline.render_args({key: value})] for key, values in candidates.items()}
+    cases = [(point, run_offline.render_args(point)) for point in _rows(candidates)]
+    cases += [(point, _wandb_agent_args(point)) for point in _rows({k: v for k, v in agent_differs.items() if v})]
+    assert cases, f"{sweep_path.name} has no parameters"
+    for point, rendered in cases:
+        parsed = cli_parser.parse_args(["--config", str(REPO_ROOT / config), *rendered])
+        for key, value in point.items():
+            assert _same_value(parsed[key], value), f"{sweep_path.name}: {rendered} gave {key}={parsed[key]!r}"
+
+
+def test_the_parser_check_rejects_an_unknown_key_and_a_wandb_none(cli_parser):
+    from jsonargparse import ArgumentError
+
+    config = str(REPO_ROOT / "configs/ulsad/mvtec_ad.yaml")
+    with pytest.raises(ArgumentError, match="alpha_locall"):
+        cli_parser.parse_args(["--config", config, "--model.init_args.alpha_locall=0.5"])
+    # Why the YAMLs hold no null: the agent's `None` is not null to the CLI, ours is.
+    key = "model.init_args.lambda_attn_cos"
+    with pytest.raises(ArgumentError, match="lambda_attn_cos"):
+        cli_parser.parse_args(["--config", config, *_wandb_agent_args({key: None})])
+    assert cli_parser.parse_args(["--config", config, *run_offline.render_args({key: None})])[key] is None
+
+
+def test_representative_sweep_point_passes_train_py_print_config(print_config_run):
+    """The exact command run_offline.py builds, with --print_config: parses, prints the values, trains nothing."""
+    root, point, process = print_config_run
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    printed = report.flatten_config(yaml.safe_load(stdout))
+    for key, value in point.parameters.items():
+        assert _same_value(printed[key], value), f"{key}: printed {printed[key]!r}, swept {value!r}"
+    assert point.parameters["data.categories"] == "bottle" and printed["model.init_args.alpha_local"] == 0.5
+    assert printed["model.init_args.use_tie_loss"] is False
+    assert printed["run.name"] == point.name == "ulsad_table3_ablation-015"
+    assert printed["run.output_root"] == str(root)
+    assert not root.exists(), "--print_config must not create the run folder"
+
+
+# ---------------------------------------------------------------------------------------------- expansion
+def test_grid_points_in_yaml_order_last_key_fastest():
+    parameters = {"a": {"values": [1, 2]}, "b": {"value": "x"}, "c": {"values": [True, False]}}
+    assert run_offline.grid_points(parameters) == [
+        {"a": 1, "b": "x", "c": True}, {"a": 1, "b": "x", "c": False},
+        {"a": 2, "b": "x", "c": True}, {"a": 2, "b": "x", "c": False},
+    ]
+    assert len(run_offline.sweep_points({"method": "grid", "parameters": parameters}, max_runs=3)) == 3
+
+
+def test_grid_rejects_distributions_bad_yaml_and_nested_parameters(tmp_path: Path):
+    with pytest.raises(run_offline.SweepError, match="lr"):
+        run_offline.grid_points({"lr": {"min": 0.1, "max": 1.0}})
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("program: train.py\ncommand: [${env}, ${program}, ${args}]\nparameters: {a: {value: 1}}\n")
+    with pytest.raises(run_offline.SweepError, match="flow.yaml.*block list"):
+        run_offline.load_sweep(flow)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("program: train.py\nparameters:\n  model:\n    parameters:\n      lr: {values: [1]}\n")
+    with pytest.raises(run_offline.SweepError, match="model.*nested"):
+        run_offline.load_sweep(nested)
+
+
+def test_sampling_is_seeded_bounded_and_follows_the_distribution():
+    parameters = {
+        "lr": {"distribution": "log_uniform_values", "min": 1e-5, "max": 1e-1},
+        "alpha": {"distribution": "uniform", "min": 0.0, "max": 1.0},
+        "epochs": {"distribution": "int_uniform", "min": 1, "max": 3},
+        "implicit_int": {"min": 10, "max": 11},
+        "sigma": {"values": [2.0, 4.0]},
+        "category": {"value": "screw"},
+    }
+    points = run_offline.sampled_points(parameters, 2000, seed=7)
+    assert points == run_offline.sampled_points(parameters, 2000, seed=7)
+    assert points != run_offline.sampled_points(parameters, 2000, seed=8)
+    lrs = [point["lr"] for point in points]
+    assert min(lrs) >= 1e-5 and max(lrs) <= 1e-1
+    # Log-uniform: half the mass below the geometric mean 1e-3 (a uniform draw would put 1 % there).
+    assert 0.45 < sum(lr < 1e-3 for lr in lrs) / len(lrs) < 0.55
+    assert 0.45 < sum(point["alpha"] < 0.5 for point in points) / len(points) < 0.55
+    assert {point["epochs"] for point in points} == {1, 2, 3}
+    assert {point["implicit_int"] for point in points} == {10, 11}
+    assert {point["sigma"] for point in points} == {2.0, 4.0}
+    assert {point["category"] for point in points} == {"screw"}
+
+
+def test_random_and_bayes_sweeps_need_a_count():
+    parameters = {"alpha": {"min": 0.0, "max": 1.0}}
+    with pytest.raises(run_offline.SweepError, match="--max-runs"):
+        run_offline.sweep_points({"method": "bayes", "parameters": parameters})
+    assert len(run_offline.sweep_points({"method": "bayes", "run_cap": 4, "parameters": parameters})) == 4
+    assert len(run_offline.sweep_points({"method": "random", "run_cap": 4, "parameters": parameters},
+                                        max_runs=2)) == 2
+    hparams = run_offline.load_sweep(SWEEPS_DIR / "ulsad_hparams.yaml")
+    assert len(run_offline.sweep_points(hparams)) == hparams["run_cap"]
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+@pytest.mark.parametrize(("value", "text"), [
+    (True, "true"), (False, "false"), (None, "null"), (0.5, "0.5"), (0, "0"), (1e-05, "1e-05"),
+    ("bf16-mixed", "bf16-mixed"), (["layer2", "layer3"], "[layer2, layer3]"), ((1.0, 0.0), "[1.0, 0.0]"),
+    ([[1, 2], [3]], "[[1, 2], [3]]"),
+])
+def test_render_value_as_jsonargparse_reads_it(value, text):
+    assert run_offline.render_value(value) == text
+
+
+def test_build_command_fills_the_macros_and_appends_run_folder_and_extras(monkeypatch):
+    monkeypatch.setenv("SWEEP_DATA_ROOT", "/data/mvtec")
+    sweep = {"program": "train.py",
+             "command": ["${env}", "${interpreter}", "${program}", "--config", "c.yaml", "${args}",
+                         "--data.root=${envvar:SWEEP_DATA_ROOT}"]}
+    point = {"model.init_args.use_tie_loss": False, "model.init_args.layers": ["layer2", "layer3"]}
+    command = run_offline.build_command(sweep, point, "s-003", Path("/out"), ["--trainer.devices=2"])
+    assert command == [sys.executable, "train.py", "--config", "c.yaml", "--model.init_args.use_tie_loss=false",
+                       "--model.init_args.layers=[layer2, layer3]", "--data.root=/data/mvtec",
+                       "--run.name=s-003", "--run.output_root=/out", "--trainer.devices=2"]
+    default = run_offline.build_command({"program": "p.py"}, {"a": 1}, "n", Path("/o"))
+    assert default == [sys.executable, "p.py", "--a=1", "--run.name=n", "--run.output_root=/o"]
+    with pytest.raises(run_offline.SweepError, match="args_json_file"):
+        run_offline.build_command({"program": "p.py", "command": ["${args_json_file}"]}, {}, "n", Path("/o"))
+
+
+# ---------------------------------------------------------------------------------------------- offline runs
+FAKE_TRAIN = textwrap.dedent('''
+    """Stand-in for train.py: writes config.yaml + metrics.json into --run.output_root/--run.name."""
+    import json, sys
+    from pathlib import Path
+    import yaml
+
+    args = dict(arg[2:].split("=", 1) for arg in sys.argv[1:] if arg.startswith("--") and "=" in arg)
+    with open(Path(__file__).with_name("calls.txt"), "a") as calls:
+        calls.write(" ".join(sys.argv[1:]) + "\\n")
+    run_dir = Path(args["run.output_root"]) / args["run.name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    alpha = float(args["model.init_args.alpha_local"])
+    if alpha < 0:
+        print("fake training diverged", file=sys.stderr)
+        sys.exit(3)
+    category = args["data.categories"]
+    config = {"model": {"init_args": {"alpha_local": alpha}}, "data": {"categories": category},
+              "run": {"name": args["run.name"]}, "trainer": {"default_root_dir": str(run_dir)}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    auroc = 0.9 - alpha / 10 + (0.05 if category == "b" else 0.0)
+    metrics = {"run": {}, "per_category": {category: {"all": {"image_AUROC": auroc}}},
+               "mean": {"all": {"image_AUROC": auroc}}}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+''')
+
+
+@pytest.fixture
+def fake_sweep(tmp_path: Path) -> Path:
+    program = tmp_path / "fake_train.py"
+    program.write_text(FAKE_TRAIN)
+    (tmp_path / "base.yaml").write_text("seed_everything: 0\n")
+    sweep = {
+        "program": str(program), "method": "grid",
+        "command": ["${env}", "${interpreter}", "${program}", "--config", str(tmp_path / "base.yaml"), "${args}"],
+        "parameters": {"model.init_args.alpha_local": {"values": [0.5, -1.0, 0.0]},
+                       "data.categories": {"values": ["a", "b"]}},
+    }
+    path = tmp_path / "fake_sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "calls.txt"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_run_offline_runs_every_point_records_failures_and_resumes(fake_sweep: Path, tmp_path: Path):
+    root = tmp_path / "out"
+    quiet = Console(record=True, width=200)
+    records = run_offline.run_sweep(fake_sweep, output_root=root, console=quiet)
+    assert [record.status for record in records] == ["finished", "finished", "failed", "failed",
+                                                     "finished", "finished"]
+    assert [record.returncode for record in records] == [0, 0, 3, 3, 0, 0]
+    assert len(_calls(tmp_path)) == 6
+    assert "fake training diverged" in (root / "logs" / "fake_sweep-002.log").read_text()
+    assert json.loads((root / "fake_sweep-005" / "metrics.json").read_text())["mean"]["all"]["image_AUROC"] == \
+        pytest.approx(0.95)
+    with (root / "runs.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(row["index"], row["status"], row["model.init_args.alpha_local"], row["data.categories"])
+            for row in rows] == [("0", "finished", "0.5", "a"), ("1", "finished", "0.5", "b"),
+                                 ("2", "failed", "-1.0", "a"), ("3", "failed", "-1.0", "b"),
+                                 ("4", "finished", "0.0", "a"), ("5", "finished", "0.0", "b")]
+    assert rows[0]["run_dir"] == str(root / "fake_sweep-000")
+
+    # Second invocation: finished runs are skipped, only the failed points run again (and fail again).
+    again = run_offline.run_sweep(fake_sweep, output_root=root, console=quiet)
+    assert [record.status for record in again] == ["skipped", "skipped", "failed", "failed", "skipped", "skipped"]
+    assert len(_calls(tmp_path)) == 8
+    assert all("alpha_local=-1.0" in call for call in _calls(tmp_path)[6:])
+
+
+def test_run_offline_cli_extra_args_go_last_and_exit_code_reports_failures(fake_sweep: Path, tmp_path: Path):
+    root = tmp_path / "cli"
+    assert run_offline.main([str(fake_sweep), "--max-runs", "2", "--output-root", str(root),
+                             "--extra", "--trainer.max_epochs=1", "--seed_everything=3"]) == 0
+    calls = _calls(tmp_path)
+    assert len(calls) == 2 and all(call.endswith("--trainer.max_epochs=1 --seed_everything=3") for call in calls)
+    assert run_offline.main([str(fake_sweep), "--max-runs", "3", "--output-root", str(root)]) == 1
+
+
+def test_run_interrupted_mid_training_is_resumed_from_its_checkpoint(fake_sweep: Path, tmp_path: Path):
+    root = tmp_path / "out"
+    (root / "fake_sweep-001" / "checkpoints").mkdir(parents=True)
+    (root / "fake_sweep-001" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    records = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=2, console=Console(record=True))
+    assert [record.status for record in records] == ["finished", "finished"]
+    first, second = _calls(tmp_path)
+    assert "--run.resume=true" not in first and second.endswith("--run.name=fake_sweep-001 "
+                                                                f"--run.output_root={root} --run.resume=true")
+
+
+def test_dry_run_prints_commands_and_touches_nothing(fake_sweep: Path, tmp_path: Path):
+    console = Console(record=True, width=500)
+    records = run_offline.run_sweep(fake_sweep, output_root=tmp_path / "dry", dry_run=True, console=console)
+    printed = console.export_text().splitlines()
+    assert len(printed) == len(records) == 6
+    assert "--model.init_args.alpha_local=-1.0 --data.categories=b --run.name=fake_sweep-003" in printed[3]
+    assert not (tmp_path / "dry").exists() and _calls(tmp_path) == []
+
+
+def test_resume_refuses_a_changed_sweep(fake_sweep: Path, tmp_path: Path):
+    root = tmp_path / "out"
+    run_offline.run_sweep(fake_sweep, output_root=root, max_runs=1, console=Console(record=True))
+    changed = yaml.safe_load(fake_sweep.read_text())
+    changed["parameters"]["model.init_args.alpha_local"]["values"] = [0.25]
+    fake_sweep.write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(run_offline.SweepError, match="fake_sweep-000.*0.5 → 0.25"):
+        run_offline.run_sweep(fake_sweep, output_root=root, console=Console(record=True))
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _write_run(root: Path, name: str, config: dict, per_category: dict, mean: dict) -> None:
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.json").write_text(json.dumps({"run": {}, "per_category": per_category, "mean": mean}))
+
+
+def _ulsad_config(alpha: float, tie: bool, category: str, name: str) -> dict:
+    return {"seed_everything": 40, "run": {"name": name, "output_root": "x"},
+            "trainer": {"default_root_dir": f"x/{name}", "max_epochs": 200},
+            "model": {"class_path": "lightning_modules.ulsad.ULSAD",
+                      "init_args": {"alpha_local": alpha, "use_tie_loss": tie, "layers": ["layer2", "layer3"]}},
+            "data": {"categories": category}}
+
+
+@pytest.fixture
+def ablation_runs(tmp_path: Path) -> Path:
+    """alpha × tie × {bottle, screw}, one run each; image_AUROC chosen so every mean is known exactly."""
+    root = tmp_path / "runs"
+    values = {(0.5, True): (0.98, 0.90), (0.5, False): (0.96, 0.80), (0.0, True): (0.94, 0.70),
+              (0.0, False): (0.92, 0.60)}
+    index = 0
+    for (alpha, tie), per_category in values.items():
+        for category, auroc in zip(("bottle", "screw"), per_category):
+            name = f"ablation-{index:03d}"
+            metrics = {"image_AUROC": auroc, "pixel_AUROC": auroc - 0.1}
+            _write_run(root, name, _ulsad_config(alpha, tie, category, name), {category: {"all": metrics}},
+                       {"all": metrics})
+            index += 1
+    return root
+
+
+def test_report_merges_categories_into_one_row_per_setting(ablation_runs: Path, tmp_path: Path):
+    console = Console(record=True, width=200)
+    rows = report.report(ablation_runs, console=console, markdown=tmp_path / "table.md")
+    assert [(row.parameters["model.init_args.alpha_local"], row.parameters["model.init_args.use_tie_loss"])
+            for row in rows] == [("0.0", "false"), ("0.0", "true"), ("0.5", "false"), ("0.5", "true")]
+    assert [row.mean for row in rows] == pytest.approx([0.76, 0.82, 0.88, 0.94])
+    assert rows[3].per_category == pytest.approx({"bottle": 0.98, "screw": 0.90})
+    assert [row.runs for row in rows] == [2, 2, 2, 2] and all(row.repeated == [] for row in rows)
+    text = console.export_text()
+    assert "┃ alpha_local ┃ use_tie_loss ┃ mean ┃ bottle ┃ screw ┃" in text
+    assert "│ 0.0         │ false        │ 76.0 │   92.0 │  60.0 │" in text
+    assert "│ 0.5         │ true         │ 94.0 │   98.0 │  90.0 │" in text
+    assert "default_root_dir" not in text and "run.name" not in text and "layers" not in text
+    markdown = (tmp_path / "table.md").read_text().splitlines()
+    assert markdown[2] == "| alpha_local | use_tie_loss | mean | bottle | screw |"
+    assert markdown[4] == "| 0.0 | false | 76.0 | 92.0 | 60.0 |"
+    assert len(markdown) == 8
+
+
+def test_report_per_run_and_other_metric(ablation_runs: Path):
+    console = Console(record=True, width=200)
+    rows = report.report(ablation_runs, metric="pixel_AUROC", merge_categories=False, console=console)
+    assert len(rows) == 8
+    assert [row.parameters["data.categories"] for row in rows[:2]] == ["bottle", "screw"]
+    assert rows[0].mean == pytest.approx(0.82) and rows[0].per_category == pytest.approx({"bottle": 0.82})
+    text = console.export_text()
+    assert "│ 0.0         │ false        │ bottle     │ 82.0 │   82.0 │     – │" in text
+    assert "│ 0.0         │ false        │ screw      │ 50.0 │      – │  50.0 │" in text
+    with pytest.raises(KeyError, match="image_AP.*available: image_AUROC, pixel_AUROC"):
+        report.report(ablation_runs, metric="image_AP", console=console)
+
+
+def test_report_warns_about_a_category_run_twice(ablation_runs: Path):
+    rerun = {"image_AUROC": 0.5}
+    _write_run(ablation_runs, "ablation-000_v2", _ulsad_config(0.5, True, "bottle", "ablation-000_v2"),
+               {"bottle": {"all": rerun}}, {"all": rerun})
+    console = Console(record=True, width=200)
+    rows = report.report(ablation_runs, console=console)
+    assert rows[3].repeated == ["bottle"] and rows[3].per_category == pytest.approx({"bottle": 0.5, "screw": 0.9})
+    assert "alpha_local=0.5, use_tie_loss=true: bottle found in several runs" in console.export_text()
+
+
+def test_report_where_selects_runs_by_config_value(ablation_runs: Path):
+    console = Console(record=True, width=200)
+    rows = report.report(ablation_runs, where={"model.init_args.use_tie_loss": "true"}, console=console)
+    assert [(row.parameters, row.mean) for row in rows] == [
+        ({"model.init_args.alpha_local": "0.0"}, pytest.approx(0.82)),
+        ({"model.init_args.alpha_local": "0.5"}, pytest.approx(0.94))]
+    with pytest.raises(FileNotFoundError, match="wandb.group=other"):
+        report.report(ablation_runs, where={"wandb.group": "other"}, console=console)
+
+
+def test_report_reads_a_loco_subset(tmp_path: Path):
+    root = tmp_path / "loco"
+    for index, mode in enumerate(("combined", "picturable")):
+        per_category = {"screw_bag": {"all": {"image_AUROC": 0.8 + index / 10},
+                                      "logical": {"image_AUROC": 0.7 + index / 10},
+                                      "structural": {"image_AUROC": 0.9}}}
+        config = {"model": {"init_args": {"score_mode": mode}}, "data": {"categories": "screw_bag"}}
+        _write_run(root, f"puad-{index}", config, per_category, per_category["screw_bag"])
+    rows = report.report(root, subset="logical", console=Console(record=True))
+    assert [(row.parameters["model.init_args.score_mode"], row.mean) for row in rows] == [
+        ("combined", pytest.approx(0.7)), ("picturable", pytest.approx(0.8))]
+
+
+def test_report_on_an_offline_sweep_output(fake_sweep: Path, tmp_path: Path):
+    root = tmp_path / "out"
+    run_offline.run_sweep(fake_sweep, output_root=root, console=Console(record=True))
+    rows = report.report(root, console=Console(record=True))
+    # alpha -1 failed (no metrics.json): two settings remain, each merged over categories a and b.
+    assert [(row.parameters["model.init_args.alpha_local"], row.runs) for row in rows] == [("0.0", 2), ("0.5", 2)]
+    assert rows[0].per_category == pytest.approx({"a": 0.9, "b": 0.95})
+    assert rows[1].mean == pytest.approx((0.85 + 0.90) / 2)
+
+
+def test_report_script_runs_standalone(ablation_runs: Path):
+    """`python sweeps/report.py ROOT` works without installing the repository."""
+    completed = subprocess.run([sys.executable, str(SWEEPS_DIR / "report.py"), str(ablation_runs),
+                                "--where", "model.init_args.alpha_local=0.5"],
+                               capture_output=True, text=True, timeout=60, cwd=ablation_runs, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "│ true         │ 94.0 │   98.0 │  90.0 │" in completed.stdout
+    assert "alpha_local" not in completed.stdout.split("parameters:")[0]  # constant within the selection
