@@ -50,19 +50,23 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def assert_same_metrics(first: dict, second: dict, tolerance: float = 1e-6) -> int:
+    """Every metric of two metrics.json files equal to `tolerance`; returns how many were compared."""
+    def rows(metrics):
+        yield from ((("mean", subset), values) for subset, values in metrics["mean"].items())
+        for category, subsets in metrics["per_category"].items():
+            yield from (((category, subset), values) for subset, values in subsets.items())
+
+    first_rows, second_rows = dict(rows(first)), dict(rows(second))
+    assert first_rows.keys() == second_rows.keys()
     compared = 0
-    for group in ("per_category", "mean"):
-        assert first[group].keys() == second[group].keys()
-        for name, subsets in first[group].items():
-            flat_a = subsets if group == "mean" else subsets
-            for subset, values in flat_a.items():
-                for metric, value in values.items():
-                    other = second[group][name][subset][metric]
-                    if value is None:
-                        assert other is None
-                        continue
-                    assert math.isclose(value, other, abs_tol=tolerance), (group, name, subset, metric, value, other)
-                    compared += 1
+    for key, values in first_rows.items():
+        for metric, value in values.items():
+            other = second_rows[key][metric]
+            if value is None:
+                assert other is None, (key, metric)
+                continue
+            assert math.isclose(value, other, abs_tol=tolerance), (key, metric, value, other)
+            compared += 1
     return compared
 
 
