@@ -54,13 +54,20 @@ def resolve_run_dir(output_root: str, name: str, resume: bool, explicit: str | N
         return Path(os.environ[RUN_DIR_ENV])
     base = Path(output_root) / name
     versions = [base] + [base.with_name(f"{base.name}_v{i}") for i in range(2, 1000)]
-    existing = [path for path in versions if path.exists() and any(path.iterdir())]
     if resume:
+        existing = [path for path in versions if path.exists()]
         if not existing:
             raise FileNotFoundError(f"--run.resume: no earlier run folder {base} to resume from")
         chosen = existing[-1]
     else:
-        chosen = next(path for path in versions if not (path.exists() and any(path.iterdir())))
+        # mkdir is atomic: two runs started at the same moment (sweep agents) never share a folder.
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for chosen in versions:
+            try:
+                chosen.mkdir()
+                break
+            except FileExistsError:
+                continue
     os.environ[RUN_DIR_ENV] = str(chosen)
     return chosen
 
