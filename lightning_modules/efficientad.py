@@ -280,6 +280,9 @@ class EfficientAD(AnomalyDetector):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
         return loss
 
+    def on_train_end(self) -> None:
+        self._penalty_batches = None  # dropping the iterator shuts the penalty loader's workers down
+
     def configure_optimizers(self):
         """Adam over student + autoencoder; lr × 0.1 at ``lr_decay_fraction`` of the steps (spec §4)."""
         parameters = list(self.student.parameters()) + list(self.autoencoder.parameters())
