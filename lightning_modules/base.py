@@ -12,12 +12,13 @@ W&B logging, the results table, and the throughput and memory figures.
 from __future__ import annotations
 
 import resource
-from contextlib import nullcontext
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ class AnomalyDetector(LightningModule, ABC):
 
     #: init-arg overrides ``evaluate.py`` applies when rebuilding the module around a checkpoint:
     #: the checkpoint already holds every weight, so nothing needs to be looked up or downloaded.
-    checkpoint_init_overrides: dict[str, Any] = {}
+    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, max_maps_per_category: int = 6) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ on test metrics), and evaluation loaders drop no image.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class ULSAD(AnomalyDetector):
                            consistency distance D(SA(F), CA(A, F)), since R_glb is untrained (spec §7)
     """
 
-    checkpoint_init_overrides = {"pretrained": False, "weights_file": None}
+    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {"pretrained": False, "weights_file": None}
 
     def __init__(
         self,

@@ -15,7 +15,8 @@ SIZE = 128
 def make_detector(**overrides) -> ULSAD:
     """A weights-free, small ULSAD: resnet18's layer2+layer3 fuse to exactly 384 channels."""
     torch.manual_seed(0)
-    args = dict(backbone="resnet18", pretrained=False, image_size=SIZE, frn_hidden_scale=0.25, cache_features=False)
+    args = {"backbone": "resnet18", "pretrained": False, "image_size": SIZE, "frn_hidden_scale": 0.25,
+            "cache_features": False}
     args.update(overrides)
     detector = ULSAD(**args)
     detector.network.set_feature_statistics(torch.zeros(384), torch.ones(384))
