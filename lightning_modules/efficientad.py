@@ -17,7 +17,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,7 @@ class EfficientAD(AnomalyDetector):
 
     def __init__(
         self,
-        model_size: str = "small",
+        model_size: Literal["small", "medium"] = "small",
         teacher_weights: str | None = None,
         teacher_pretrained: bool | str = True,
         penalty_dir: str | None = None,

@@ -10,7 +10,7 @@ z-normalised with the validation images' statistics, then added.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class PUAD(EfficientAD):
 
     def __init__(
         self,
-        model_size: str = "small",
+        model_size: Literal["small", "medium"] = "small",
         teacher_weights: str | None = None,
         teacher_pretrained: bool | str = True,
         penalty_dir: str | None = None,
@@ -47,8 +47,8 @@ class PUAD(EfficientAD):
         q_low: float = 0.9,
         q_high: float = 0.995,
         ae_augmentation: bool = True,
-        feature_source: str = "student",
-        score_mode: str = "combined",
+        feature_source: Literal["student", "teacher"] = "student",
+        score_mode: Literal["combined", "picturable", "unpicturable"] = "combined",
         max_maps_per_category: int = 6,
     ) -> None:
         # The EfficientAD arguments are repeated (not *args/**kwargs) so the CLI and --help list them.
