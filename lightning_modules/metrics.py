@@ -64,42 +64,31 @@ def _flat_scores_and_labels(preds: Tensor, target: Tensor, score_dtype: torch.dt
     return scores, labels
 
 
-class AUROC(_TypedCatStates, BinaryAUROC):
+class _ExactBinaryCurve(_TypedCatStates):
+    """Shared set-up of the torchmetrics binary curve metrics: every score kept (no binning), no
+    sigmoid on scores outside [0, 1], typed cat states, and inputs flattened (image scores or maps)."""
+
+    def __init__(self, score_dtype: torch.dtype = torch.float32, **kwargs) -> None:
+        super().__init__(thresholds=None, validate_args=False, normalization=None, **kwargs)
+        self.score_dtype = score_dtype
+        self._declare_cat_states({"preds": score_dtype, "target": torch.uint8})
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        super().update(*_flat_scores_and_labels(preds, target, self.score_dtype))
+
+
+class AUROC(_ExactBinaryCurve, BinaryAUROC):
     """Area under the ROC curve over all scores (no binning); image scores or flattened maps."""
 
-    def __init__(self, score_dtype: torch.dtype = torch.float32, **kwargs) -> None:
-        super().__init__(thresholds=None, validate_args=False, normalization=None, **kwargs)
-        self.score_dtype = score_dtype
-        self._declare_cat_states({"preds": score_dtype, "target": torch.uint8})
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(*_flat_scores_and_labels(preds, target, self.score_dtype))
-
-
-class AveragePrecision(_TypedCatStates, BinaryAveragePrecision):
+class AveragePrecision(_ExactBinaryCurve, BinaryAveragePrecision):
     """Average precision (area under the step PR curve, as sklearn) over all scores, no binning."""
 
-    def __init__(self, score_dtype: torch.dtype = torch.float32, **kwargs) -> None:
-        super().__init__(thresholds=None, validate_args=False, normalization=None, **kwargs)
-        self.score_dtype = score_dtype
-        self._declare_cat_states({"preds": score_dtype, "target": torch.uint8})
 
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(*_flat_scores_and_labels(preds, target, self.score_dtype))
-
-
-class F1Max(_TypedCatStates, BinaryPrecisionRecallCurve):
+class F1Max(_ExactBinaryCurve, BinaryPrecisionRecallCurve):
     """Best F1 over every threshold of the precision-recall curve (threshold-free F1)."""
 
     higher_is_better = True
-
-    def __init__(self, score_dtype: torch.dtype = torch.float32, **kwargs) -> None:
-        super().__init__(thresholds=None, validate_args=False, normalization=None, **kwargs)
-        self.score_dtype = score_dtype
-        self._declare_cat_states({"preds": score_dtype, "target": torch.uint8})
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(*_flat_scores_and_labels(preds, target, self.score_dtype))
 
     def compute(self) -> Tensor:  # type: ignore[override]
         precision, recall, _ = super().compute()
