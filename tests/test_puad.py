@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from lightning_modules.puad import PUAD
+from lightning_modules.reporting import read_scores_csv
 from networks.puad import MahalanobisScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,8 +140,10 @@ def _flat_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def _scores(path: Path) -> pd.Series:
-    return pd.read_csv(path).set_index("path")["score"].sort_index()
+def _scores(path: Path) -> np.ndarray:
+    """The scores of a scores.csv, ordered by image path."""
+    rows = sorted(read_scores_csv(path), key=lambda row: row["path"])
+    return np.array([row["score"] for row in rows])
 
 
 @pytest.mark.slow
@@ -177,7 +179,7 @@ def test_train_then_evaluate_reproduces_every_metric_and_each_score_branch(tmp_p
     for key, value in expected.items():
         assert (math.isnan(value) and math.isnan(actual[key])) or abs(value - actual[key]) <= 1e-6, key
     train_scores = _scores(run_dir / "scores.csv")
-    assert np.abs(train_scores.to_numpy() - _scores(tmp_path / "combined" / "scores.csv").to_numpy()).max() <= 1e-6
+    assert np.abs(train_scores - _scores(tmp_path / "combined" / "scores.csv")).max() <= 1e-6
 
     branches = {}
     for mode in ("picturable", "unpicturable"):
@@ -188,6 +190,5 @@ def test_train_then_evaluate_reproduces_every_metric_and_each_score_branch(tmp_p
     statistics = info["score_statistics"]
     z_efficientad = (branches["picturable"] - statistics["efficientad"]["mean"]) / statistics["efficientad"]["std"]
     z_mahalanobis = (branches["unpicturable"] - statistics["mahalanobis"]["mean"]) / statistics["mahalanobis"]["std"]
-    np.testing.assert_allclose((z_efficientad + z_mahalanobis).to_numpy(), train_scores.to_numpy(),
-                               rtol=1e-5, atol=1e-5)
-    assert not np.allclose(branches["picturable"].to_numpy(), branches["unpicturable"].to_numpy())
+    np.testing.assert_allclose(z_efficientad + z_mahalanobis, train_scores, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(branches["picturable"], branches["unpicturable"])
