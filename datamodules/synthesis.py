@@ -17,7 +17,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from datamodules.dataset import read_image
+from datamodules.dataset import read_image, resize_image
 from datamodules.layouts import list_images
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class PerlinAnomaly:
     def _texture(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
         if self.texture_files:
             source = read_image(self.texture_files[int(rng.integers(len(self.texture_files)))])
-            texture = cv2.resize(source, (width, height), interpolation=cv2.INTER_LINEAR)
+            texture = resize_image(source, height, width)  # antialiased, like every image we shrink
         else:
             texture = procedural_texture(height, width, rng)
         texture_u8 = np.round(np.clip(texture, 0.0, 1.0) * 255).astype(np.uint8)  # some ops are uint8-only

@@ -467,3 +467,40 @@ def test_real_loco_item_saturation():
     assert torch.equal(item["mask"][0], item["regions"][0].float())
     expected = min(70400 * 64 * 64 / (1600 * 800), area)
     assert item["region_saturation"].tolist() == pytest.approx([expected])
+
+
+# ------------------------------------------------------------------------------ downscaling
+def _pil_resize(path: Path, size: int) -> np.ndarray:
+    """What the official detector codes feed their networks: PIL's bilinear resize, which antialiases."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+
+
+def _high_frequency_energy(image: np.ndarray) -> float:
+    return float((cv2.Laplacian(image.mean(axis=2), cv2.CV_32F) ** 2).mean())
+
+
+def test_downscaling_antialiases_like_pil(tmp_path):
+    """Pixel noise shrunk 8x: an antialiased resize averages it away, a plain bilinear one samples it."""
+    path = fake_trees.write_image(tmp_path / "noise.png", fake_trees.random_rgb(3, height=512, width=512))
+    image = AnomalyDataset([record(path)], image_size=64)[0]["image"].numpy().transpose(1, 2, 0)
+    reference = _pil_resize(path, 64)
+    assert np.abs(image - reference).max() <= 2.5 / 255  # PIL rounds to 8 bits
+    assert image.std() < 0.06  # averaged noise; a non-antialiased resize keeps std ~0.29
+    upscaled = AnomalyDataset([record(path)], image_size=1024)[0]["image"]  # upscaling: plain bilinear
+    assert upscaled.shape == (3, 1024, 1024)
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_LOCO.is_dir(), reason="../shared/data is not available")
+def test_real_loco_image_is_downscaled_as_the_official_codes_do():
+    """juice_bottle 1600x800 → 256: without antialiasing the input differed from PIL's by up to 0.39."""
+    path = REAL_LOCO / "juice_bottle" / "train" / "good" / "000.png"
+    records = [r for r in scan("mvtec_loco", REAL_LOCO, "juice_bottle") if r.image_path == path]
+    image = AnomalyDataset(records, image_size=256)[0]["image"].numpy().transpose(1, 2, 0)
+    reference = _pil_resize(path, 256)
+    difference = np.abs(image - reference)
+    assert difference.max() < 0.01 and difference.mean() < 0.002
+    assert _high_frequency_energy(image) == pytest.approx(_high_frequency_energy(reference), rel=0.1)
