@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.datamodule import AnomalyDataModule
 from lightning_modules.base import AnomalyDetector
@@ -70,6 +71,20 @@ def resolve_run_dir(output_root: str, name: str, resume: bool, explicit: str | N
                 continue
     os.environ[RUN_DIR_ENV] = str(chosen)
     return chosen
+
+
+FULL_FLOAT32_PRECISIONS = (None, 32, "32", "32-true")
+
+
+def use_ieee_float32() -> None:
+    """`precision: 32-true` means IEEE float32: no TF32 in cuBLAS matmuls or cuDNN convolutions.
+
+    PyTorch lets cuDNN convolutions use TF32 (10 mantissa bits) by default on Ampere and later GPUs;
+    the PUAD code turns both flags off, and a run that says fp32 should compute in fp32. (The legacy
+    flags, not `fp32_precision`: mixing the two APIs makes PyTorch raise when either is read.)
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 class SaveOnException(Callback):
@@ -132,6 +147,9 @@ class AnomalyCLI(LightningCLI):
         self.run_dir = resolve_run_dir(run.output_root, run.name or self.default_run_name(), run.resume, run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.trainer.default_root_dir = str(self.run_dir)
+        if self.config.trainer.precision in FULL_FLOAT32_PRECISIONS:
+            use_ieee_float32()
+            rank_zero_info("precision 32-true: TF32 is off for cuBLAS matmuls and cuDNN convolutions (IEEE float32).")
         if run.resume:
             last = self.run_dir / "checkpoints" / "last.ckpt"
             if not last.exists():

@@ -148,9 +148,13 @@ class EfficientAD(AnomalyDetector):
     ``teacher_weights`` / ``teacher_pretrained``: the distilled teacher PDN (a file from distill.py
     or a published one); ``teacher_pretrained: false`` runs weights-free with a random teacher.
     ``penalty_dir``: natural images for the ImageNet penalty term; null drops the term.
+    ``require_penalty``: refuse to start without ``penalty_dir`` (the paper configs set it: the
+    official code always trains with the penalty, so dropping it must be an explicit choice).
     """
 
-    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {"teacher_pretrained": False, "teacher_weights": None, "penalty_dir": None}
+    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {
+        "teacher_pretrained": False, "teacher_weights": None, "penalty_dir": None, "require_penalty": False,
+    }
 
     def __init__(
         self,
@@ -158,6 +162,7 @@ class EfficientAD(AnomalyDetector):
         teacher_weights: str | None = None,
         teacher_pretrained: bool | str = True,
         penalty_dir: str | None = None,
+        require_penalty: bool = False,
         penalty_num_workers: int = 4,
         image_size: int = 256,
         lr: float = 1e-4,
@@ -172,6 +177,14 @@ class EfficientAD(AnomalyDetector):
         super().__init__(max_maps_per_category=max_maps_per_category)
         if model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
+        if require_penalty and penalty_dir is None:
+            raise ValueError(
+                "These are the paper settings, which train with the ImageNet penalty term (spec §3.2), but "
+                "model.init_args.penalty_dir is null. Point it at a folder of natural images (ImageNet train; "
+                "Imagenette works, as in anomalib): --model.init_args.penalty_dir=/path/to/imagenet/train. To train "
+                "without the penalty on purpose (an ablation, recorded as 'penalty: off'), also pass "
+                "--model.init_args.require_penalty=false."
+            )
         self.save_hyperparameters()
         self.teacher, self.weights_source = build_teacher(model_size, teacher_weights, teacher_pretrained)
         self.teacher.requires_grad_(False)

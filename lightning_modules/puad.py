@@ -38,6 +38,7 @@ class PUAD(EfficientAD):
         teacher_weights: str | None = None,
         teacher_pretrained: bool | str = True,
         penalty_dir: str | None = None,
+        require_penalty: bool = False,
         penalty_num_workers: int = 4,
         image_size: int = 256,
         lr: float = 1e-4,
@@ -54,7 +55,7 @@ class PUAD(EfficientAD):
         # The EfficientAD arguments are repeated (not *args/**kwargs) so the CLI and --help list them.
         super().__init__(
             model_size=model_size, teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
-            penalty_dir=penalty_dir, penalty_num_workers=penalty_num_workers, image_size=image_size, lr=lr,
+            penalty_dir=penalty_dir, require_penalty=require_penalty, penalty_num_workers=penalty_num_workers, image_size=image_size, lr=lr,
             weight_decay=weight_decay, lr_decay_fraction=lr_decay_fraction, hard_quantile=hard_quantile,
             q_low=q_low, q_high=q_high, ae_augmentation=ae_augmentation, max_maps_per_category=max_maps_per_category,
         )

@@ -24,6 +24,10 @@ MAX_QUANTILE_VALUES = 2**24  # torch.quantile's input limit; the reference code 
 class ULSAD(AnomalyDetector):
     """ULSAD detector.
 
+    ``feature_channels``: C, the width the two backbone layers are channel-averaged to (the paper's
+    384 = WideResNet-50's 512 + 1024 channels in groups of four); at most their sum (the sum keeps
+    every channel, e.g. 152 for EfficientNet-Lite0's blocks.2 + blocks.4).
+
     Table 3 ablation switches (all config keys):
       ``alpha_local``      α, cosine weight of the local loss and local map (0 = plain L2 reconstruction)
       ``beta_global``      β, cosine weight of the tying loss and global map
@@ -43,6 +47,7 @@ class ULSAD(AnomalyDetector):
         pretrained: bool | str = True,
         weights_file: str | None = None,
         image_size: int = 256,
+        feature_channels: int = 384,
         alpha_local: float = 0.5,
         beta_global: float = 0.5,
         lambda_attn_cos: float | None = None,
@@ -64,8 +69,8 @@ class ULSAD(AnomalyDetector):
         self.save_hyperparameters()
         self.network = ULSADNetwork(
             backbone=backbone, layers=layers or ["layer2", "layer3"], pretrained=pretrained,
-            weights_file=weights_file, image_size=image_size, frn_final_relu=frn_final_relu,
-            frn_hidden_scale=frn_hidden_scale,
+            weights_file=weights_file, image_size=image_size, feature_channels=feature_channels,
+            frn_final_relu=frn_final_relu, frn_hidden_scale=frn_hidden_scale,
         )
         self.weights_source = self.network.feature_extractor.weights_source
         self.attention_cosine_weight = beta_global if lambda_attn_cos is None else lambda_attn_cos
@@ -209,6 +214,8 @@ class ULSAD(AnomalyDetector):
 
     def run_info(self) -> dict[str, Any]:
         q = self.map_quantiles.tolist()
+        extractor = self.network.feature_extractor
         return {**super().run_info(), "map_quantiles": {"local": q[:2], "global": q[2:]},
+                "backbone_input_normalization": {"mean": list(extractor.input_mean), "std": list(extractor.input_std)},
                 "feature_statistics_fitted": self.network.statistics_fitted,
                 "constant_feature_channels": int(self.constant_feature_channels)}

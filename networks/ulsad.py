@@ -196,6 +196,14 @@ class ULSADNetwork(nn.Module):
                 f"The first layer must have stride 8 so the features are image_size/8 like the "
                 f"autoencoder output; {layers[0]} of {backbone} has stride {self.feature_extractor.reductions[0]}."
             )
+        available = sum(self.feature_extractor.channels)
+        if feature_channels > available:
+            raise ValueError(
+                f"feature_channels={feature_channels} exceeds the {available} channels of {backbone} {list(layers)} "
+                f"({' + '.join(map(str, self.feature_extractor.channels))}); channel pooling can only average "
+                f"channels together, not create new ones. Set feature_channels to at most {available} "
+                f"({available} keeps every channel)."
+            )
         self.frn = FeatureReconstructionNetwork(
             feature_channels, hidden_scale=frn_hidden_scale, final_relu=frn_final_relu
         )

@@ -201,7 +201,7 @@ def test_teacher_weights_file_is_loaded_and_named_in_run_info(tmp_path):
     for name, value in source.state_dict().items():
         assert torch.equal(detector.teacher.state_dict()[name], value)
     assert EfficientAD.checkpoint_init_overrides == {"teacher_pretrained": False, "teacher_weights": None,
-                                                     "penalty_dir": None}
+                                                     "penalty_dir": None, "require_penalty": False}
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -223,3 +223,21 @@ def test_configs_name_only_real_arguments(config):
         assert content["model"]["init_args"]["teacher_pretrained"] is False and content["data"]["layout"] == "embedded"
     else:
         assert content["trainer"]["max_steps"] == 70000 and content["data"]["train_batch_size"] == 1
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.parent.name in ("efficientad", "puad")], ids=str)
+def test_paper_configs_refuse_to_start_without_the_penalty_images(config, tmp_path, mvtec_ad_root):
+    """The official code always trains with the ImageNet penalty: the paper configs must not drop it silently."""
+    from train import train
+
+    args = ["--config", str(config), "--data.layout=mvtec_ad", f"--data.root={mvtec_ad_root}",
+            "--data.categories=bottle", f"--run.output_root={tmp_path / 'runs'}", "--wandb.mode=disabled"]
+    if config.stem == "quickstart":
+        assert yaml.safe_load(config.read_text())["model"]["init_args"]["penalty_dir"] is None
+        return
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["require_penalty"] is True
+    with pytest.raises(ValueError, match=r"penalty_dir is null.*require_penalty=false"):
+        train(args)
+    # Dropping the term on purpose gets past that check (and stops at the next missing file, the teacher).
+    with pytest.raises((FileNotFoundError, ValueError), match="Teacher weights file not found"):
+        train(args + ["--model.init_args.require_penalty=false"])

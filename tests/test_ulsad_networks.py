@@ -250,3 +250,11 @@ def test_network_rejects_wrong_image_size_and_layer_stride(small_network):
         ULSADNetwork(
             "resnet18", ["layer3", "layer4"], pretrained=False, image_size=128, frn_hidden_scale=0.125
         )
+
+
+def test_feature_channels_can_average_but_not_invent_channels():
+    with pytest.raises(ValueError, match=r"feature_channels=400 exceeds the 384 channels .*\(128 \+ 256\).*at most 384"):
+        ULSADNetwork("resnet18", pretrained=False, image_size=128, feature_channels=400)
+    network = ULSADNetwork("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pretrained=False, image_size=128,
+                           feature_channels=152, frn_hidden_scale=0.25)
+    assert network.extract_features(torch.rand(1, 3, 128, 128)).shape == (1, 152, 16, 16)
