@@ -17,7 +17,6 @@ metric ran (the synthetic maps themselves are not counted).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ for path in (BENCH_DIR, BENCH_DIR.parent):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import PeakMemory, machine_info, make_console, synchronize
+from throughput import PeakMemory, machine_info, make_console, synchronize, write_json_report
 
 from lightning_modules.metrics import AUPRO, AUROC, SPRO, AveragePrecision, F1Max
 
@@ -198,15 +197,8 @@ def main(argv: list[str] | None = None) -> list[MetricTiming]:
         "(the synthetic maps are not counted)"
     )
     console.print(f"total {sum(r.total_s for r in rows):.2f} s; machine: {info}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "machine": info,
-            "settings": vars(args) | {"json": str(args.json)},
-            "rows": [asdict(r) for r in rows],
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
-        console.print(f"wrote {args.json}")
+    report = {"machine": info, "settings": vars(args) | {"json": str(args.json)}, "rows": [asdict(r) for r in rows]}
+    write_json_report(args.json, report, console)
     return rows
 
 

@@ -39,7 +39,7 @@ for path in (BENCH_DIR, REPO_ROOT):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import machine_info, make_console, quiet_lightning
+from throughput import machine_info, make_console, quiet_lightning, write_json_report
 
 CATEGORY = "grid"
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
@@ -204,10 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "loading": loading,
         "training": {k: v for k, v in training.items()},
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-        console.print(f"wrote {args.json}")
+    write_json_report(args.json, report, console)
     return report
 
 

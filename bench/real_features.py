@@ -38,7 +38,7 @@ for path in (BENCH_DIR, REPO_ROOT):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import machine_info, make_console, quiet_lightning
+from throughput import machine_info, make_console, quiet_lightning, write_json_report
 
 from tests.real_samples import (
     IMAGENET_BOTTLE_CLASSES,
@@ -129,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                       str(row["weights_source"])[:60])
     console.print(table)
     report = {"machine": machine_info(torch.device("cpu")), "classification": classification, "detection": detections}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-        console.print(f"wrote {args.json}")
+    write_json_report(args.json, report, console)
     return report
 
 

@@ -489,6 +489,15 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def write_json_report(path: Path | None, report: dict[str, Any], console: Console) -> None:
+    """Write a benchmark's figures as JSON (when --json was given), creating the folder."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"wrote {path}")
+
+
 def make_console() -> Console:
     """Rich wraps to 80 columns when the output is not a terminal; the tables need more."""
     return Console() if sys.stdout.isatty() else Console(width=160)
@@ -523,16 +532,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
     if rows:
         print_table(rows, console)
     console.print(f"machine: {info}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "machine": info,
-            "extra_args": extra_args,
-            "skipped": skipped,
-            "rows": [asdict(r) for r in rows],
-        }
-        args.json.write_text(json.dumps(payload, indent=2))
-        console.print(f"wrote {args.json}")
+    report = {"machine": info, "extra_args": extra_args, "skipped": skipped, "rows": [asdict(r) for r in rows]}
+    write_json_report(args.json, report, console)
     return rows
 
 
