@@ -26,12 +26,21 @@ LOCO_LAYOUTS = ("mvtec_loco", "embedded")
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, rank + 2*world, ... with no padding, so that under DDP every
     evaluation image is seen exactly once (torch's DistributedSampler repeats images to even out
-    the shards, which would bias gathered metrics)."""
+    the shards, which would bias gathered metrics).
+
+    A process whose shard would be empty (fewer images than processes) gets one padding index
+    instead, `length + rank % length`: `AnomalyDataset` serves it as a copy flagged `padding`, which
+    the evaluation drops. Every process then takes part in every collective call (Lightning
+    refuses an empty loader on one process, and a process with no batch would leave the others
+    waiting at the gather).
+    """
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.indices = range(rank, length, world_size)
+        if not self.indices and length > 0:
+            self.indices = [length + rank % length]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

@@ -103,7 +103,8 @@ class AnomalyDataset(Dataset):
     """Records → item dicts (see ARCHITECTURE.md).
 
     Every item: `image` 3xSxS float [0,1] RGB, `mask` 1xSxS float {0,1}, `label` long,
-    `has_mask` bool, `index` long, and `category`, `path`, `defect_type`, `anomaly_kind` strings.
+    `has_mask` bool, `index` long, `padding` bool (an index ≥ len(records) serves a copy of record
+    index % len flagged True; see `ShardSampler`), and `category`, `path`, `defect_type`, `anomaly_kind` strings.
 
     `augment`: an albumentations transform applied after the resize when `train` is True (it gets
     `image=` and `masks=`, and must keep the size).
@@ -176,6 +177,8 @@ class AnomalyDataset(Dataset):
         return torch.from_numpy(regions), torch.from_numpy(saturation)
 
     def __getitem__(self, index: int) -> dict:
+        padding = index >= len(self.records)  # ShardSampler's padding for an otherwise empty process
+        index = index % len(self.records)
         record = self.records[index]
         image = read_image(record.image_path)
         original_shape = image.shape[:2]
@@ -207,6 +210,7 @@ class AnomalyDataset(Dataset):
             "label": torch.tensor(record.label, dtype=torch.long),
             "has_mask": torch.tensor(record.has_mask, dtype=torch.bool),
             "index": torch.tensor(index, dtype=torch.long),
+            "padding": torch.tensor(padding, dtype=torch.bool),
             "category": record.category,
             "path": str(record.image_path),
             "defect_type": record.defect_type,

@@ -47,6 +47,21 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def without_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch minus the padding items a process gets when a split has fewer images than processes.
+
+    Such a process still runs one (padding) item through every hook, so each collective call
+    happens on every process; here the item is dropped, which may leave an empty batch.
+    """
+    padding = batch.get("padding")
+    if padding is None or not bool(padding.any()):
+        return batch
+    keep = ~padding
+    positions = keep.nonzero().flatten().tolist()
+    return {key: (value[keep] if isinstance(value, Tensor) else [value[i] for i in positions])
+            for key, value in batch.items()}
+
+
 def gather_samples(tensor: Tensor) -> Tensor:
     """Concatenate per-sample tensors of all processes (uneven sizes allowed); identity on one process."""
     if not _distributed():
@@ -79,16 +94,25 @@ class TestResultStore(Metric):
             self.regions.append(regions.to(torch.uint8))
             self.saturation.append(saturation.float())
 
-    def compute(self) -> dict[str, Tensor]:
+    def compute(self) -> StoredResults:
         def cat(state):
-            if isinstance(state, Tensor):  # already concatenated by the distributed sync
-                return state
+            if isinstance(state, Tensor):  # already concatenated by the distributed sync, which turns
+                return state if state.numel() else None  # a state no process filled into tensor([])
             return torch.cat(state) if state else None
 
         result = {name: cat(getattr(self, name)) for name in
                   ("indices", "scores", "labels", "maps", "masks", "has_mask", "regions", "saturation")}
         order = torch.argsort(result["indices"])  # the same order on one process or many
-        return {k: (v[order] if v is not None else None) for k, v in result.items()}
+        return StoredResults({k: (v[order] if v is not None else None) for k, v in result.items()})
+
+
+class StoredResults:
+    """The test results as {state name: tensor}, in a box: torchmetrics squeezes every one-element
+    tensor that `compute` returns in a dict to a 0-d scalar, which would lose the image axis of a
+    one-image test set. It does not look inside this class."""
+
+    def __init__(self, tensors: dict[str, Tensor | None]) -> None:
+        self.tensors = tensors
 
 
 class AnomalyDetector(LightningModule, ABC):
@@ -133,7 +157,7 @@ class AnomalyDetector(LightningModule, ABC):
         self.eval()
         outputs: list[dict[str, Tensor]] = []
         for batch in dataloader:
-            batch = self._to_device(batch)
+            batch = self._to_device(without_padding(batch))
             with self.trainer.precision_plugin.forward_context() if self._trainer else nullcontext():
                 outputs.append({k: _as_float(v) for k, v in fn(batch).items()})
         self.train(was_training)
@@ -162,7 +186,7 @@ class AnomalyDetector(LightningModule, ABC):
         self._calibration_outputs = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        outputs = self.calibration_step(batch)
+        outputs = self.calibration_step(without_padding(batch))
         self._calibration_outputs.append({k: v.detach().float() for k, v in outputs.items()})
 
     def on_validation_epoch_end(self) -> None:
@@ -192,6 +216,7 @@ class AnomalyDetector(LightningModule, ABC):
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        batch = without_padding(batch)
         images = batch["image"]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -232,7 +257,7 @@ class AnomalyDetector(LightningModule, ABC):
             del candidates[cap:]
 
     def on_test_epoch_end(self) -> None:
-        results = self.test_store.compute()
+        results = self.test_store.compute().tensors
         datamodule = self.trainer.datamodule
         records = datamodule.records("test")
         table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)

@@ -58,3 +58,10 @@ def empty_caches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
     return probes
+
+
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory) -> Path:
+    from datamodules.embedded import ensure_embedded_dataset
+
+    return ensure_embedded_dataset(tmp_path_factory.mktemp("data") / "embedded", seed=0)

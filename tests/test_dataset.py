@@ -390,9 +390,30 @@ def test_datamodule_errors_surface_in_init_or_setup(mvtec_ad_root):
 @pytest.mark.parametrize("length,world", [(7, 2), (11, 3), (1, 3), (0, 2), (9, 3)])
 def test_shard_sampler_covers_each_index_once(length, world):
     shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
-    assert sorted(i for shard in shards for i in shard) == list(range(length))
+    real = [[i for i in shard if i < length] for shard in shards]
+    assert sorted(i for shard in real for i in shard) == list(range(length))
     assert [len(ShardSampler(length, rank, world)) for rank in range(world)] == [len(s) for s in shards]
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert max(map(len, real)) - min(map(len, real)) <= 1
+    # Indices ≥ length are padding, only for a shard with no real index, and only one of them.
+    assert all(shard == real_part or (not real_part and len(shard) == 1) for shard, real_part in zip(shards, real))
+    assert all(shards) or length == 0
+
+
+def test_a_process_with_no_images_gets_one_flagged_padding_item(tmp_path):
+    """Fewer images than processes: the empty shard holds one copy, flagged, which the evaluation drops."""
+    from lightning_modules.base import without_padding
+
+    assert [list(ShardSampler(2, rank, 3)) for rank in range(3)] == [[0], [1], [2 + 2 % 2]]
+    assert list(ShardSampler(0, 1, 2)) == []
+    image = fake_trees.write_image(tmp_path / "a.png", fake_trees.random_rgb(0))
+    dataset = AnomalyDataset([record(image), record(image, label=1)], image_size=8)
+    padded = dataset[3]
+    assert padded["padding"] and not dataset[1]["padding"] and int(padded["index"]) == 1
+    assert torch.equal(padded["image"], dataset[1]["image"])
+    batch = next(iter(DataLoader(torch.utils.data.Subset(dataset, [0, 2, 3]), batch_size=3)))
+    kept = without_padding(batch)
+    assert kept["index"].tolist() == [0] and kept["path"] == [str(image)] and kept["image"].shape[0] == 1
+    assert without_padding({**batch, "padding": torch.zeros(3, dtype=torch.bool)})["image"].shape[0] == 3
 
 
 def test_eval_loaders_shard_by_trainer_rank(mvtec_ad_root):
