@@ -21,8 +21,12 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
     cli = AnomalyCLI(args=args)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     # Scan and validate the whole dataset now: a bad file fails here, before any training step or checkpoint.
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except BaseException:
+        cli.release_run_dir()  # a failed start leaves no empty run folder behind
+        raise
     try:
         cli.save_resolved_config()
         trainer.fit(model, datamodule=datamodule, ckpt_path=cli.resume_checkpoint)

@@ -11,17 +11,19 @@ from __future__ import annotations
 import netrc
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.datamodule import AnomalyDataModule
 from lightning_modules.base import AnomalyDetector
+from lightning_modules.resume import ResumableCSVLogger, ResumeCheckpoint
 
 RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
 
@@ -59,7 +61,12 @@ def resolve_run_dir(output_root: str, name: str, resume: bool, explicit: str | N
         existing = [path for path in versions if path.exists()]
         if not existing:
             raise FileNotFoundError(f"--run.resume: no earlier run folder {base} to resume from")
-        chosen = existing[-1]
+        resumable = [path for path in existing if (path / "checkpoints" / "last.ckpt").is_file()]
+        if not resumable:
+            raise FileNotFoundError(
+                f"--run.resume: none of the run folders {[str(p) for p in existing]} holds checkpoints/last.ckpt"
+            )
+        chosen = resumable[-1]  # the newest run that can be resumed, not a newer folder of a failed start
     else:
         # mkdir is atomic: two runs started at the same moment (sweep agents) never share a folder.
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -87,25 +94,11 @@ def use_ieee_float32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-class SaveOnException(Callback):
-    """Write `last.ckpt` when training dies (crash, Ctrl-C) so `--run.resume` loses nothing.
-
-    Lightning's OnExceptionCheckpoint does the same but also turns every later `fit(ckpt_path=None)`
-    into an implicit resume from "last"; resuming here is always explicit (`--run.resume`).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
-
-
 class AnomalyCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         self.run_dir: Path | None = None
         self.resume_checkpoint: str | None = None
+        self.resume_step: int | None = None  # global step of the checkpoint a resumed run continues from
         super().__init__(
             model_class=AnomalyDetector,
             subclass_mode_model=True,
@@ -155,24 +148,36 @@ class AnomalyCLI(LightningCLI):
             if not last.exists():
                 raise FileNotFoundError(f"--run.resume: {last} does not exist")
             self.resume_checkpoint = str(last)
+            self.resume_step = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        """Remove the run folder this start claimed if nothing was written into it (a failed start), so that
+        failed starts leave no empty versioned folders behind. A folder holding any file is never touched."""
+        if self.run_dir is None or not self.run_dir.is_dir() or self.config.run.resume:
+            return
+        if not any(path.is_file() for path in self.run_dir.rglob("*")):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def instantiate_trainer(self, **kwargs: Any):
         assert self.run_dir is not None
         checkpoint_dir = self.run_dir / "checkpoints"
         callbacks = list(self.config_init.trainer.get("callbacks") or [])
-        callbacks += [
-            # One rolling checkpoint, `last.ckpt`, overwritten at every save: what --run.resume continues from.
-            ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
-                            enable_version_counter=False,
-                            every_n_train_steps=self.config.run.checkpoint_every_n_steps),
-            SaveOnException(checkpoint_dir / "last.ckpt"),
-        ]
+        # One rolling checkpoint, `last.ckpt`: what --run.resume continues from.
+        callbacks.append(ResumeCheckpoint(checkpoint_dir / "last.ckpt", self.config.run.checkpoint_every_n_steps))
         if not any(isinstance(c, RichProgressBar) for c in callbacks) and self.config.trainer.enable_progress_bar is not False:
             callbacks.append(RichProgressBar())
         return super().instantiate_trainer(callbacks=callbacks, logger=self._loggers(), **kwargs)
 
     def _loggers(self) -> list:
-        loggers: list = [CSVLogger(save_dir=str(self.run_dir), name="csv", version="")]
+        loggers: list = [ResumableCSVLogger(save_dir=str(self.run_dir), name="csv", version="",
+                                            keep_below_step=self.resume_step)]
         mode = self.config.wandb.mode
         if mode == "disabled":
             return loggers

@@ -4,7 +4,10 @@ process, resume after a crash, DDP and bf16, and bad data rejected before any tr
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,10 +15,9 @@ import torch
 from datamodules.validate import DatasetError
 from lightning_modules.reporting import read_scores_csv
 from tests.fake_trees import make_mvtec_ad
-from tests.runs import assert_same_metrics, run_script, tiny_ulsad_args
+from tests.runs import REPO, assert_same_metrics, run_script, tiny_ulsad_args
 from train import train
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -125,3 +127,33 @@ def test_bad_dataset_root_names_the_path(tmp_path):
             "--model.init_args.pretrained=false", "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}"]
     with pytest.raises(DatasetError, match="nowhere"):
         train(args)
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(embedded_root, tmp_path):
+    """kill -9 at step 5 (epoch 1 of 3 epochs × 3 steps) → resume from last.ckpt, written at the end of
+    epoch 0 (the default interval: every epoch) → the same metrics, scores and training curve as a run
+    that was never interrupted."""
+    def args(name: str, *extra: str) -> list[str]:
+        return tiny_ulsad_args(embedded_root, tmp_path, "--trainer.max_epochs=3", "--trainer.log_every_n_steps=1",
+                               f"--run.name={name}", *extra)
+
+    run_script("train.py", *args("uninterrupted"))
+    kill = '--trainer.callbacks+={"class_path": "tests.crash_callback.KillAtStep", "init_args": {"step": 5}}'
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    killed = subprocess.run([sys.executable, "train.py", *args("killed", kill)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    assert not (checkpoints / "final.ckpt").exists() and not (tmp_path / "killed" / "metrics.json").exists()
+
+    run_script("train.py", *args("killed", "--run.resume=true"))
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert assert_same_metrics(uninterrupted, resumed) >= 7
+    scores = [{row["path"]: row["score"] for row in read_scores_csv(tmp_path / name / "scores.csv")}
+              for name in ("uninterrupted", "killed")]
+    assert max(abs(scores[0][path] - scores[1][path]) for path in scores[0]) <= 1e-6
+    curves = [(tmp_path / name / "csv" / "metrics.csv").read_text().splitlines() for name in ("uninterrupted", "killed")]
+    assert len(curves[1]) == len(curves[0]) > 9  # the curve before the kill is kept, nothing is logged twice
+    assert curves[1] == curves[0]

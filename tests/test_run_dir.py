@@ -1,5 +1,7 @@
 """Run folders: versioned instead of overwritten, shared by DDP ranks, resumable."""
 
+from pathlib import Path
+
 import pytest
 
 from lightning_modules.cli import RUN_DIR_ENV, resolve_run_dir
@@ -10,6 +12,9 @@ def test_new_runs_get_new_versions_and_resume_takes_the_latest(tmp_path, monkeyp
     first = resolve_run_dir(str(tmp_path), "ulsad", resume=False, explicit=None)
     second = resolve_run_dir(str(tmp_path), "ulsad", resume=False, explicit=None)
     assert (first.name, second.name) == ("ulsad", "ulsad_v2")
+    for run in (first, second):
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert resolve_run_dir(str(tmp_path), "ulsad", resume=True, explicit=None) == second
 
 
@@ -56,3 +61,30 @@ def test_full_precision_runs_turn_tf32_off(precision, tf32_off, tmp_path, monkey
     ])
     assert torch.backends.cuda.matmul.allow_tf32 is not tf32_off
     assert torch.backends.cudnn.allow_tf32 is not tf32_off
+
+
+def test_resume_takes_the_newest_folder_that_holds_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    (tmp_path / "ulsad" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "ulsad" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (tmp_path / "ulsad_v2").mkdir()  # e.g. a failed start of an older version, or a run killed before step 1
+    assert resolve_run_dir(str(tmp_path), "ulsad", resume=True, explicit=None) == tmp_path / "ulsad"
+    (tmp_path / "ulsad").rename(tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match="holds checkpoints/last.ckpt"):
+        resolve_run_dir(str(tmp_path), "ulsad", resume=True, explicit=None)
+
+
+@pytest.mark.parametrize("bad", ["--data.root=/nowhere/at/all", "--model.init_args.image_size=100"])
+def test_a_failed_start_leaves_no_run_folder(bad, tmp_path, monkeypatch):
+    from train import train
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    from tests import fake_trees
+
+    root = fake_trees.make_mvtec_ad(tmp_path / "mvtec_ad")
+    args = ["--config", str(Path(__file__).resolve().parents[1] / "configs/quickstart_weights_free.yaml"), "--data.layout=mvtec_ad", f"--data.root={root}",
+            "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=false",
+            f"--run.output_root={tmp_path / 'runs'}", "--run.name=named", "--wandb.mode=disabled", bad]
+    with pytest.raises(Exception):  # noqa: B017 - a data error or a model error; the folder is what matters
+        train(args)
+    assert not (tmp_path / "runs" / "named").exists()
