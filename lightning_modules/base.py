@@ -35,6 +35,16 @@ from lightning_modules import reporting
 KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN or infinite: training stops at once and writes no final checkpoint or metrics."""
+
+    diverged = True  # read by the checkpoint callback: a diverged state is not worth resuming
+
+
+class NonFiniteResults(RuntimeError):
+    """Maps or scores that are NaN or infinite: they must never turn into metrics or fitted statistics."""
+
+
 @dataclass
 class DetectorOutput:
     """What a detector's ``predict`` returns for a batch of images."""
@@ -150,6 +160,23 @@ class AnomalyDetector(LightningModule, ABC):
         return {"detector": type(self).__name__, "weights_source": self.weights_source}
 
     # ------------------------------------------------------------------ utilities for detectors
+    def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
+        """The sum of the loss terms; stops training at once, naming the step and the term, when one is not finite.
+
+        Without this a diverged run trains every remaining epoch on NaN weights and saves them.
+        """
+        finite = torch.isfinite(torch.stack([value.detach().float() for value in terms.values()]))
+        if bool(finite.all()):  # one device-to-host sync per step
+            return sum(terms.values())
+        bad = [name for name, ok in zip(terms, finite.tolist()) if not ok]
+        values = ", ".join(f"{name}={float(value.detach()):.4g}" for name, value in terms.items())
+        raise TrainingDiverged(
+            f"Training diverged at step {self.global_step} (epoch {self.current_epoch}): "
+            f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite ({values}). "
+            "Nothing was saved as final.ckpt and no metrics were written. Lower the learning rate "
+            "(model.init_args.lr), or train in float32 (--trainer.precision=32-true) if this is a bf16 overflow."
+        )
+
     @torch.no_grad()
     def collect(self, dataloader: Iterable, fn: Callable[[dict[str, Any]], dict[str, Tensor]]) -> dict[str, Tensor]:
         """Run ``fn`` on every batch in eval mode (under the trainer's precision) and gather across ranks."""
@@ -194,6 +221,12 @@ class AnomalyDetector(LightningModule, ABC):
             return
         collected = self._concat_and_gather(self._calibration_outputs)
         self._calibration_outputs = []
+        bad = sorted(name for name, values in collected.items() if not bool(torch.isfinite(values).all()))
+        if bad:
+            raise NonFiniteResults(
+                f"Calibration on the validation images produced NaN or infinite values in {bad}: the model's maps "
+                "are not finite, so no statistics were fitted. The training has probably diverged."
+            )
         self.fit_calibration(collected)
 
     # ------------------------------------------------------------------ testing
@@ -260,6 +293,13 @@ class AnomalyDetector(LightningModule, ABC):
         results = self.test_store.compute().tensors
         datamodule = self.trainer.datamodule
         records = datamodule.records("test")
+        not_finite = ~(torch.isfinite(results["scores"]) & torch.isfinite(results["maps"]).flatten(1).all(dim=1))
+        if bool(not_finite.any()):
+            paths = [str(records[i].image_path) for i in results["indices"][not_finite].tolist()]
+            raise NonFiniteResults(
+                f"{len(paths)} of {len(records)} test images have NaN or infinite anomaly maps or scores (e.g. "
+                f"{', '.join(paths[:3])}); no metrics were computed from them. The training has probably diverged."
+            )
         table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
         score_rows = score_table(results, records)
         samples = self._gather_display_samples()

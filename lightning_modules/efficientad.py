@@ -287,7 +287,7 @@ class EfficientAD(AnomalyDetector):
         images = batch["image"]
         penalty = self.next_penalty_batch(images.shape[0]) if self.penalty_images is not None else None
         terms = self.loss_terms(images, penalty)
-        loss = sum(terms.values())
+        loss = self.total_loss(terms)
         size = images.shape[0]
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)

@@ -136,7 +136,7 @@ class ULSAD(AnomalyDetector):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         features = self._standardized_features(batch)
         terms = self.loss_terms(features, batch["image"])
-        loss = sum(terms.values())
+        loss = self.total_loss(terms)
         batch_size = batch["image"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)

@@ -1,0 +1,81 @@
+"""Nothing silently wrong: a diverged training stops at once, and non-finite maps or scores never become
+metrics. Each case was reproduced as a failure first (issue 7: NaN from step 2, every epoch still run, a
+NaN final.ckpt saved, and on label-only data an exit code 0 with metrics computed from NaN scores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluate import evaluate
+from lightning_modules.base import NonFiniteResults, TrainingDiverged
+from tests import fake_trees
+from tests.runs import REPO, tiny_ulsad_args
+from train import train
+
+pytestmark = pytest.mark.slow
+
+
+def label_only_folder(root: Path) -> Path:
+    """A `folder`-layout category without any ground truth: only image metrics exist."""
+    base = root / "widget"
+    fake_trees.write_images(base / "train" / "good", 10, seed=1)
+    fake_trees.write_images(base / "test" / "good", 3, seed=30)
+    fake_trees.write_images(base / "test" / "stain", 3, seed=40)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["embedded", "folder"])
+def test_a_diverging_run_stops_at_once_and_writes_no_results(layout, embedded_root, tmp_path):
+    data = ([] if layout == "embedded" else
+            ["--data.layout=folder", f"--data.root={label_only_folder(tmp_path / 'data')}", "--data.categories=widget"])
+    args = tiny_ulsad_args(embedded_root, tmp_path, "--model.init_args.lr=1e20", "--trainer.max_epochs=3",
+                           "--run.name=diverged", *data)
+    with pytest.raises(TrainingDiverged, match=r"Training diverged at step [12] \(epoch [01]\): loss_\w+"):
+        train(args)
+    run = tmp_path / "diverged"
+    assert not (run / "checkpoints" / "final.ckpt").exists() and not (run / "metrics.json").exists()
+    assert not (run / "scores.csv").exists()
+
+
+def test_the_command_line_exits_non_zero_with_one_clear_message(embedded_root, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_ulsad_args(embedded_root, tmp_path, "--model.init_args.lr=1e20")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode != 0
+    assert "Training diverged at step" in result.stderr
+    assert not list(tmp_path.rglob("metrics.json")) and not list(tmp_path.rglob("final.ckpt"))
+
+
+def test_the_loss_check_names_the_step_and_every_bad_term():
+    from lightning_modules.ulsad import ULSAD
+
+    detector = ULSAD(backbone="resnet18", pretrained=False, image_size=128, frn_hidden_scale=0.25)
+    fine = {"loss_local": torch.tensor(1.0), "loss_global": torch.tensor(2.0)}
+    assert float(detector.total_loss(fine)) == 3.0
+    with pytest.raises(TrainingDiverged, match=r"step 0 \(epoch 0\): loss_global, loss_tie are not finite "
+                                               r"\(loss_local=1, loss_global=nan, loss_tie=inf\)"):
+        detector.total_loss({**fine, "loss_global": torch.tensor(float("nan")), "loss_tie": torch.tensor(float("inf"))})
+
+
+def test_non_finite_maps_never_become_metrics(embedded_root, tmp_path):
+    """A checkpoint whose weights hold a NaN: evaluation refuses, naming the images, and writes no metrics."""
+    results = train(tiny_ulsad_args(embedded_root, tmp_path / "runs"))
+    checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)
+    weight = next(key for key in checkpoint["state_dict"] if key.startswith("network.frn.") and key.endswith("weight"))
+    checkpoint["state_dict"][weight][0].fill_(float("nan"))
+    broken = tmp_path / "broken.ckpt"
+    torch.save(checkpoint, broken)
+    with pytest.raises(NonFiniteResults, match=r"40 of 40 test images have NaN or infinite .*woven_tiles"):
+        evaluate(["--checkpoint", str(broken), "--config", str(Path(results["run_dir"]) / "config.yaml"),
+                  "--output_dir", str(tmp_path / "evaluation"), "--trainer.enable_progress_bar=false"])
+    assert not (tmp_path / "evaluation" / "metrics.json").exists()
+    assert json.loads((Path(results["run_dir"]) / "metrics.json").read_text())["run"]["test_images"] == 40
