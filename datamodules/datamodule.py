@@ -92,8 +92,10 @@ class AnomalyDataModule(L.LightningDataModule):
             `synthetic_image`/`synthetic_mask` to training items.
         texture_dir: texture images for `perlin` (e.g. DTD); procedural textures when null.
         embedded_seed: seed of the generated embedded dataset.
-        check_pixels: validate by decoding images (catches truncated files) rather than by
-            reading headers only; see `validate.py` for the cost.
+        check_pixels: validate by decoding every image fully (catches truncated and corrupt
+            files) rather than by reading headers only; see `validate.py` for the cost.
+        strict: suspicious ground truth (all-zero masks on defect images, masks without a 0
+            background, JPEG masks, unmatched ground-truth folders) is an error, not a warning.
 
     The scan and validation run in `setup()`, which Lightning calls before any training step.
     """
@@ -113,6 +115,7 @@ class AnomalyDataModule(L.LightningDataModule):
         texture_dir: str | None = None,
         embedded_seed: int = 0,
         check_pixels: bool = True,
+        strict: bool = False,
     ):
         super().__init__()
         if layout not in layouts.LAYOUTS:
@@ -137,6 +140,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self.texture_dir = texture_dir
         self.embedded_seed = embedded_seed
         self.check_pixels = check_pixels
+        self.strict = strict
         # Built here so a bad synthesis name or texture_dir fails before anything else runs.
         self.synthesis_fn = build_synthesis(synthesis, texture_dir)
         self.root_path = None
@@ -161,7 +165,8 @@ class AnomalyDataModule(L.LightningDataModule):
         self.root_path = layouts.resolve_root(self.layout, self.root, self.embedded_seed)
         names = layouts.select_categories(self.layout, self.root_path, self.categories)
         records = layouts.scan_resolved(self.layout, self.root_path, names)
-        validate_records(records, check_pixels=self.check_pixels, categories=names)
+        validate_records(records, check_pixels=self.check_pixels, categories=names, strict=self.strict,
+                         doubts=layouts.ground_truth_doubts(self.layout, self.root_path, names))
 
         by_split = {
             split: [r for r in records if r.split == split] for split in ("train", "validation", "test")

@@ -318,6 +318,24 @@ def scan_resolved(layout: str, root: Path, categories: list[str]) -> list[Sample
     return [record for name in categories for record in scanner(root / name, name)]
 
 
+def ground_truth_doubts(layout: str, root: Path, categories: list[str]) -> list[str]:
+    """Ground-truth folders that match no test folder, in layouts where masks are optional per defect
+    (`folder`): a misspelt `ground_truth/<defect>` would otherwise silently turn that defect into a
+    label-only one and drop the category's pixel metrics."""
+    if layout != "folder":
+        return []
+    doubts = []
+    for category in categories:
+        tests = {folder.name for folder in _subfolders(root / category / "test")}
+        for folder in _subfolders(root / category / "ground_truth"):
+            if folder.name not in tests:
+                doubts.append(
+                    f"{folder}: no test/{folder.name} folder matches this ground-truth folder (test folders: "
+                    f"{', '.join(sorted(tests - {'good'})) or 'none'}); its masks are not used"
+                )
+    return doubts
+
+
 def load_defects_config(root: str | Path, category: str) -> dict[int, tuple[float, bool]]:
     """LOCO `defects_config.json` as {pixel_value: (saturation_threshold, relative_saturation)}."""
     path = Path(root) / category / "defects_config.json"

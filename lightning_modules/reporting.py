@@ -93,14 +93,33 @@ class MetricsTable:
         """Every metric that appears in any row, in the house order."""
         return ordered_metric_names(name for metrics in self.rows.values() for name in metrics)
 
+    def mean_coverage(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """{subset: {metric: (categories with a value, categories with that subset)}}: how many categories
+        each mean averages. A category whose value is NaN (e.g. no masks, so no pixel metrics) is not in it."""
+        coverage: dict[str, dict[str, tuple[int, int]]] = {}
+        for group, subset in self.ordered_keys():
+            if group != MEAN_GROUP:
+                continue
+            categories = [metrics for (g, s), metrics in self.rows.items() if g != MEAN_GROUP and s == subset]
+            coverage[subset] = {
+                name: (sum(1 for m in categories if not math.isnan(m.get(name, math.nan))), len(categories))
+                for name in ordered_metric_names(self.rows[(group, subset)])
+            }
+        return coverage
+
     def to_nested(self) -> dict:
-        """{"per_category": {cat: {subset: {...}}}, "mean": {subset: {...}}} in display order."""
+        """{"per_category": {cat: {subset: {...}}}, "mean": {subset: {...}}, "mean_coverage": {subset: {metric:
+        {"categories": n, "of": total}}}} in display order."""
         nested: dict[str, dict] = {"per_category": {}, MEAN_GROUP: {}}
         for group, subset in self.ordered_keys():
             target = (
                 nested[MEAN_GROUP] if group == MEAN_GROUP else nested["per_category"].setdefault(group, {})
             )
             target[subset] = _ordered_metrics(self.rows[(group, subset)])
+        nested["mean_coverage"] = {
+            subset: {name: {"categories": covered, "of": total} for name, (covered, total) in metrics.items()}
+            for subset, metrics in self.mean_coverage().items()
+        }
         return nested
 
     @classmethod
@@ -369,17 +388,28 @@ def print_results_table(table: MetricsTable, title: str, console: Console | None
     """Print a rich table: one row per (category, subset), then the bold mean rows; values ×100."""
     metric_names = table.metric_names()
     show_subset = any(subset != ALL_SUBSET for _, subset in table.rows)
-    rich_table = Table(title=title)
+    show_counts = bool(table.mean_coverage())
+    rich_table = Table(title=title, caption="(n/N): the mean covers n of the N categories; the others have no value"
+                       if any(0 < c < n for m in table.mean_coverage().values() for c, n in m.values()) else None)
     rich_table.add_column("Category")
     if show_subset:
         rich_table.add_column("Subset")
     for name in metric_names:
         rich_table.add_column(name, justify="right")
 
+    coverage = table.mean_coverage()
+
     def add_row(group: str, subset: str, style: str | None) -> None:
         metrics = table.rows[(group, subset)]
         cells = [group, *([subset] if show_subset else [])]
-        cells += [format_metric(metrics.get(name)) for name in metric_names]
+        for name in metric_names:
+            text = format_metric(metrics.get(name))
+            covered, total = coverage.get(subset, {}).get(name, (0, 0)) if group == MEAN_GROUP else (0, 0)
+            if group == MEAN_GROUP and 0 < covered < total:
+                text += f" ({covered}/{total})"  # a mean over fewer categories than the table has
+            cells.append(text)
+        if group == MEAN_GROUP and show_counts:
+            cells[0] = f"mean of {max(total for _, total in coverage.get(subset, {}).values())}"
         rich_table.add_row(*cells, style=style)
 
     keys = table.ordered_keys()

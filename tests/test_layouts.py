@@ -356,3 +356,74 @@ def test_real_mvtec_loco_juice_bottle():
     validate_records(records, check_pixels=False)
     config = load_defects_config(REAL_LOCO, "juice_bottle")
     assert config[255] == (70400.0, False) and config[252] == (1.0, True)
+
+
+# ------------------------------------------------------------------------------ corrupt pixels, doubtful ground truth
+def corrupt_png_stream(path: Path) -> None:
+    """Flip bytes inside the compressed image data and recompute the chunk CRC: every chunk checksum is
+    valid (Image.verify() passes), but the zlib stream no longer decodes."""
+    import struct
+    import zlib
+
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[start : start + 4])[0]
+    body = start + 8
+    for offset in range(10, min(length, 40)):
+        data[body + offset] ^= 0xFF
+    crc = zlib.crc32(bytes(data[start + 4 : body + length])) & 0xFFFFFFFF
+    data[body + length : body + length + 4] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_a_png_with_valid_checksums_but_a_corrupt_stream_is_caught(mvtec_ad_root):
+    from PIL import Image
+
+    bad = min((mvtec_ad_root / "bottle" / "test" / "good").glob("*.png"))
+    fake_trees.write_image(bad, fake_trees.random_rgb(0, 128, 128))
+    corrupt_png_stream(bad)
+    with Image.open(bad) as image:
+        image.verify()  # the cheaper check that used to pass this file
+    with pytest.raises(DatasetError, match=f"{bad}: cannot be read as an image"):
+        validate_records(scan("mvtec_ad", mvtec_ad_root, "bottle"))
+
+
+def test_doubtful_ground_truth_is_one_warning_or_with_strict_an_error(tmp_path):
+    from datamodules.datamodule import AnomalyDataModule
+    from datamodules.validate import DatasetWarning
+
+    root = tmp_path / "folder"
+    base = root / "widget"
+    fake_trees.write_images(base / "train" / "good", 4)
+    fake_trees.write_images(base / "test" / "good", 2, seed=10)
+    for defect in ("dent", "scratch", "stain", "crack"):
+        fake_trees.write_images(base / "test" / defect, 1, seed=20)
+    fake_trees.write_image(base / "ground_truth" / "dent" / "000_mask.png", np.zeros((32, 32), np.uint8))
+    background = np.full((32, 32), 253, np.uint8)
+    background[8:16, 8:16] = 254
+    fake_trees.write_image(base / "ground_truth" / "scratch" / "000_mask.png", background)
+    fake_trees.write_image(base / "ground_truth" / "stain" / "000_mask.jpg", fake_trees.block_mask())
+    fake_trees.write_image(base / "ground_truth" / "crak" / "000_mask.png", fake_trees.block_mask())  # misspelt
+
+    with pytest.warns(DatasetWarning) as caught:
+        AnomalyDataModule(layout="folder", root=str(root), image_size=16).setup()
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "4 problems" in message
+    assert "dent/000_mask.png: the mask is all zero" in message
+    assert "scratch/000_mask.png: the mask has no 0 pixel" in message
+    assert "stain/000_mask.jpg: a JPEG mask" in message
+    assert "ground_truth/crak: no test/crak folder" in message
+    with pytest.raises(DatasetError, match=r"suspicious ground truth \(data.strict=true\).*all zero"):
+        AnomalyDataModule(layout="folder", root=str(root), image_size=16, strict=True).setup()
+
+
+def test_clean_ground_truth_gives_no_warning(mvtec_ad_root, loco_root):
+    import warnings
+
+    from datamodules.datamodule import AnomalyDataModule
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AnomalyDataModule(layout="mvtec_ad", root=str(mvtec_ad_root), image_size=16).setup()
+        AnomalyDataModule(layout="mvtec_loco", root=str(loco_root), image_size=16, strict=True).setup()

@@ -83,7 +83,11 @@ def test_compute_mean_rows_ignores_existing_mean_rows_and_missing_metrics():
 def test_metrics_table_round_trips_through_nested_form():
     table = loco_table()
     nested = table.to_nested()
-    assert list(nested) == ["per_category", "mean"]
+    assert list(nested) == ["per_category", "mean", "mean_coverage"]
+    # How many categories each mean averages: a category whose value is NaN is not counted.
+    assert nested["mean_coverage"]["all"]["image_AUROC"] == {"categories": 2, "of": 2}
+    assert nested["mean_coverage"]["structural"]["pixel_sPRO"] == {"categories": 0, "of": 2}
+    assert nested["mean_coverage"]["logical"]["pixel_sPRO"] == {"categories": 1, "of": 2}
     assert list(nested["per_category"]) == ["breakfast_box", "juice_bottle"]
     assert list(nested["per_category"]["juice_bottle"]) == ["all", "logical", "structural"]
     # Fixed metric order: image_AUROC, image_AP, ..., pixel_sPRO.
@@ -117,7 +121,7 @@ def test_metrics_json_reads_back_exactly_with_nan_as_null(tmp_path):
     text = path.read_text()
     assert "NaN" not in text
     document = json.loads(text)  # strict JSON
-    assert list(document) == ["run", "per_category", "mean"]
+    assert list(document) == ["run", "per_category", "mean", "mean_coverage"]
     assert document["run"] == {"model": "ulsad", "weights_source": "/cache/wide_resnet50.pth", "seed": 7}
     assert document["mean"]["structural"]["pixel_sPRO"] is None
     assert document["per_category"]["juice_bottle"]["all"]["image_AUROC"] == 0.1 + 0.2
@@ -304,6 +308,10 @@ def test_results_table_shows_categories_subsets_and_percentages():
     mean_row = next(line for line in lines if "mean" in line and "all" in line)
     assert [cell.strip() for cell in mean_row.split("│")[3:6]] == ["75.0", "60.0", "37.5"]
     assert lines.index(mean_row) > max(i for i, line in enumerate(lines) if "juice_bottle" in line)
+    assert mean_row.split("│")[1].strip() == "mean of 2"
+    logical_mean = next(line for line in lines if "mean" in line and "logical" in line)
+    assert logical_mean.split("│")[5].strip() == "12.5 (1/2)"  # only breakfast_box has a logical sPRO
+    assert "the mean covers n of the N categories" in text
 
 
 def test_results_table_without_subsets_has_no_subset_column():
