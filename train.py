@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
+from datamodules.validate import DatasetError
 from lightning_modules import reporting
 from lightning_modules.cli import AnomalyCLI
 
@@ -24,6 +25,13 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
     try:
         datamodule.prepare_data()
         datamodule.setup("fit")
+        if not datamodule.records("validation"):
+            raise DatasetError(
+                f"The validation split is empty (data.validation_fraction={datamodule.validation_fraction}): "
+                f"{type(model).__name__} fits its map normalisation on held-out normal images after training, "
+                "and without them it would fuse raw, unnormalised maps. Hold out some training images "
+                "(e.g. --data.validation_fraction=0.15) or provide the layout's validation folder."
+            )
     except BaseException:
         cli.release_run_dir()  # a failed start leaves no empty run folder behind
         raise

@@ -41,6 +41,10 @@ class TrainingDiverged(RuntimeError):
     diverged = True  # read by the checkpoint callback: a diverged state is not worth resuming
 
 
+class NotCalibrated(RuntimeError):
+    """Testing a model whose post-training calibration (map quantiles, score statistics) was never fitted."""
+
+
 class NonFiniteResults(RuntimeError):
     """Maps or scores that are NaN or infinite: they must never turn into metrics or fitted statistics."""
 
@@ -152,6 +156,10 @@ class AnomalyDetector(LightningModule, ABC):
     def fit_calibration(self, collected: dict[str, Tensor]) -> None:
         """Fit post-training statistics (map quantiles, score z-statistics) from validation images."""
 
+    def is_calibrated(self) -> bool:
+        """True once ``fit_calibration`` has fitted what testing needs; testing refuses an uncalibrated model."""
+        return True
+
     def fit_pre_training_statistics(self, dataloader: Iterable) -> None:
         """Fit statistics the training needs first (e.g. feature standardisation); default none."""
 
@@ -241,6 +249,12 @@ class AnomalyDetector(LightningModule, ABC):
         return anomaly_map, score
 
     def on_test_epoch_start(self) -> None:
+        if not self.is_calibrated():
+            raise NotCalibrated(
+                f"This {type(self).__name__} was never calibrated on held-out normal images (its map normalisation "
+                "is still unfitted), so its maps and scores would be meaningless. Calibration runs after training, "
+                "on the validation split; a checkpoint saved before it (last.ckpt) cannot be tested: test final.ckpt."
+            )
         self.test_store.reset()
         self._display_candidates: dict[str, list[tuple[float, reporting.MapSample]]] = {}
         self._model_seconds = 0.0

@@ -216,6 +216,9 @@ class EfficientAD(AnomalyDetector):
     def map_quantiles_fitted(self) -> bool:
         return bool(self.map_quantiles.abs().sum() > 0)
 
+    def is_calibrated(self) -> bool:
+        return self.map_quantiles_fitted
+
     # ------------------------------------------------------------------ networks
     def _check_size(self, images: Tensor) -> None:
         expected = self.hparams.image_size

@@ -132,6 +132,9 @@ class PUAD(EfficientAD):
                                   distance.mean(), distance.std(correction=0)])
         self.score_statistics.copy_(statistics.to(self.score_statistics.device))
 
+    def is_calibrated(self) -> bool:
+        return super().is_calibrated() and self.scorer.is_fitted and self.score_statistics_fitted
+
     def run_info(self) -> dict[str, Any]:
         mean_e, std_e, mean_d, std_d = self.score_statistics.tolist()
         return {**super().run_info(), "feature_source": self.hparams.feature_source,

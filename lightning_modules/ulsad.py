@@ -207,6 +207,9 @@ class ULSAD(AnomalyDetector):
             fitted.append(torch.quantile(values.to(self.device), levels))
         self.map_quantiles.copy_(torch.cat(fitted))
 
+    def is_calibrated(self) -> bool:
+        return bool(self.map_quantiles.abs().sum() > 0)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # Checkpoints written before this buffer existed count no constant channels.

@@ -79,3 +79,25 @@ def test_non_finite_maps_never_become_metrics(embedded_root, tmp_path):
                   "--output_dir", str(tmp_path / "evaluation"), "--trainer.enable_progress_bar=false"])
     assert not (tmp_path / "evaluation" / "metrics.json").exists()
     assert json.loads((Path(results["run_dir"]) / "metrics.json").read_text())["run"]["test_images"] == 40
+
+
+def test_an_empty_validation_split_stops_before_training(embedded_root, tmp_path, mvtec_ad_root):
+    """validation_fraction=0 used to leave the map normalisation unfitted: raw maps were fused silently."""
+    from datamodules.validate import DatasetError
+
+    args = tiny_ulsad_args(embedded_root, tmp_path, "--data.layout=mvtec_ad", f"--data.root={mvtec_ad_root}",
+                           "--data.categories=bottle", "--data.validation_fraction=0", "--run.name=no_validation")
+    with pytest.raises(DatasetError, match=r"validation split is empty \(data.validation_fraction=0.0\)"):
+        train(args)
+    assert not (tmp_path / "no_validation").exists()
+
+
+def test_an_uncalibrated_checkpoint_is_not_tested(embedded_root, tmp_path):
+    """last.ckpt is written during training, before calibration: testing it would give meaningless maps."""
+    from lightning_modules.base import NotCalibrated
+
+    results = train(tiny_ulsad_args(embedded_root, tmp_path / "runs"))
+    with pytest.raises(NotCalibrated, match="never calibrated.*test final.ckpt"):
+        evaluate(["--checkpoint", str(Path(results["run_dir"]) / "checkpoints" / "last.ckpt"),
+                  "--output_dir", str(tmp_path / "evaluation"), "--trainer.enable_progress_bar=false"])
+    assert not (tmp_path / "evaluation" / "metrics.json").exists()
