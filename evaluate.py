@@ -18,7 +18,8 @@ import yaml
 from rich.console import Console
 
 from lightning_modules import reporting
-from lightning_modules.cli import AnomalyCLI
+from lightning_modules.cli import AnomalyCLI, run_command
+from lightning_modules.resume import read_checkpoint
 
 
 def _override_args(config_path: Path) -> list[str]:
@@ -47,6 +48,7 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
                            "--trainer.logger=false", *overrides, f"--run.dir={output_dir}", "--run.resume=false"])
     cli.datamodule.prepare_data()
     cli.datamodule.setup("test")  # a bad dataset fails before the checkpoint is loaded
+    read_checkpoint(known.checkpoint)  # an unreadable checkpoint fails with its path named
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(known.checkpoint), verbose=False)
     results = cli.model.test_results or {}
     if cli.trainer.is_global_zero and results:
@@ -55,4 +57,4 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    evaluate()
+    run_command(evaluate)

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from datamodules.validate import DatasetError
 from lightning_modules import reporting
-from lightning_modules.cli import AnomalyCLI
+from lightning_modules.cli import AnomalyCLI, run_command
 
 
 def train(args: list[str] | None = None) -> dict[str, Any]:
@@ -65,4 +65,4 @@ def _finish_wandb(trainer) -> None:
 
 
 if __name__ == "__main__":
-    train()
+    run_command(train)

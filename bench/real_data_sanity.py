@@ -86,7 +86,6 @@ def train_arguments(args: argparse.Namespace, dataset_root: Path, output_root: s
         f"--data.num_workers={args.num_workers}",
         f"--data.train_batch_size={args.batch_size}",
         f"--data.eval_batch_size={args.batch_size}",
-        f"--model.init_args.image_size={size}",
         "--model.init_args.pretrained=false",
         "--model.init_args.weights_file=null",
         f"--model.init_args.frn_hidden_scale={args.frn_hidden_scale}",

@@ -34,7 +34,6 @@ import ctypes
 import ctypes.util
 import gc
 import importlib
-import inspect
 import json
 import logging
 import math
@@ -183,9 +182,7 @@ def build_detector(config: str | Path, image_size: int | None, extra_args: list[
         f"--model.init_args.{key}={_cli_value(value)}" for key, value in cls.checkpoint_init_overrides.items()
     ]
     if image_size is not None:
-        args.append(f"--data.image_size={image_size}")
-        if "image_size" in inspect.signature(cls.__init__).parameters:
-            args.append(f"--model.init_args.image_size={image_size}")
+        args.append(f"--data.image_size={image_size}")  # the model takes it from there
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message="LightningCLI's args parameter"

@@ -33,6 +33,8 @@ from lightning_modules import metrics as M
 from lightning_modules import reporting
 
 KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
+# A detector's image_size when built in Python without one; the CLI always passes data.image_size.
+DEFAULT_IMAGE_SIZE = 256
 
 
 class TrainingDiverged(RuntimeError):

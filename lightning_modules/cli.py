@@ -12,6 +12,8 @@ import netrc
 import os
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.datamodule import AnomalyDataModule
-from lightning_modules.base import AnomalyDetector
-from lightning_modules.resume import ResumableCSVLogger, ResumeCheckpoint
+from datamodules.validate import DatasetError
+from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
+from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
 
 RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the keys and what to set."""
 
 
 def wandb_has_credentials() -> bool:
@@ -136,6 +143,7 @@ class AnomalyCLI(LightningCLI):
         return _slug(f"{detector}_{config.data.layout}_{categories}")
 
     def before_instantiate_classes(self) -> None:
+        self._one_image_size()
         run = self.config.run
         self.run_dir = resolve_run_dir(run.output_root, run.name or self.default_run_name(), run.resume, run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,14 +156,23 @@ class AnomalyCLI(LightningCLI):
             if not last.exists():
                 raise FileNotFoundError(f"--run.resume: {last} does not exist")
             self.resume_checkpoint = str(last)
-            self.resume_step = int(torch.load(last, map_location="cpu", weights_only=False)["global_step"])
+            self.resume_step = int(read_checkpoint(last)["global_step"])
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except BaseException:
+        except BaseException as error:
             self.release_run_dir()
-            raise
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
+                raise
+            # jsonargparse wraps a constructor's error in "Does not validate against any of the Union
+            # subtypes ..."; the user needs the constructor's own message.
+            innermost = error
+            while innermost.__cause__ is not None and innermost.__cause__ is not innermost:
+                innermost = innermost.__cause__
+            if isinstance(innermost, USER_ERRORS):
+                raise innermost from None
+            raise ConfigError(f"{type(innermost).__name__}: {innermost}") from error
 
     def release_run_dir(self) -> None:
         """Remove the run folder this start claimed if nothing was written into it (a failed start), so that
@@ -164,6 +181,19 @@ class AnomalyCLI(LightningCLI):
             return
         if not any(path.is_file() for path in self.run_dir.rglob("*")):
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _one_image_size(self) -> None:
+        """data.image_size is the one image-size key: the model takes it. A model image_size that says
+        otherwise is an error here, not Lightning's "Error while merging hparams" after the model is built."""
+        model_args, data_size = self.config.model.init_args, self.config.data.image_size
+        if "image_size" not in model_args:
+            return
+        if model_args.image_size not in (None, data_size):
+            raise ConfigError(
+                f"model.init_args.image_size={model_args.image_size} differs from data.image_size={data_size}. Set "
+                "the image size once, as data.image_size: the model takes it from there."
+            )
+        model_args.image_size = data_size
 
     def instantiate_trainer(self, **kwargs: Any):
         assert self.run_dir is not None
@@ -176,6 +206,8 @@ class AnomalyCLI(LightningCLI):
         return super().instantiate_trainer(callbacks=callbacks, logger=self._loggers(), **kwargs)
 
     def _loggers(self) -> list:
+        if self.config.trainer.logger is False:  # evaluate.py: no training curves, and no empty csv/ folder
+            return []
         loggers: list = [ResumableCSVLogger(save_dir=str(self.run_dir), name="csv", version="",
                                             keep_below_step=self.resume_step)]
         mode = self.config.wandb.mode
@@ -199,3 +231,27 @@ class AnomalyCLI(LightningCLI):
         if self.trainer.is_global_zero:
             self.parser.save(self.config, path, skip_none=False, overwrite=True, skip_check=True)
         return path
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, CheckpointError, TrainingDiverged, NonFiniteResults, NotCalibrated, FileNotFoundError,
+)
+DEBUG_ENV = "ANOMALY_LAB_DEBUG"
+
+
+def run_command(entry: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run `train` or `evaluate` from the command line. A user error (bad data, a bad config, diverged training, an
+    unreadable checkpoint) prints one paragraph and exits with status 1, without a traceback; `--debug` or
+    ANOMALY_LAB_DEBUG=1 shows the traceback. Anything else (a bug) keeps its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # DDP children re-run the command line without --debug
+    try:
+        entry(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"\nerror: {error}\n(for the traceback, add --debug or set {DEBUG_ENV}=1)", file=sys.stderr)
+        sys.exit(1)

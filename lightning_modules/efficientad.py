@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from datamodules.dataset import read_image
 from datamodules.layouts import list_images
-from lightning_modules.base import AnomalyDetector, DetectorOutput
+from lightning_modules.base import DEFAULT_IMAGE_SIZE, AnomalyDetector, DetectorOutput
 from networks.efficientad import EfficientADAutoencoder, PatchDescriptionNetwork, load_teacher_state_dict
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class EfficientAD(AnomalyDetector):
         penalty_dir: str | None = None,
         require_penalty: bool = False,
         penalty_num_workers: int = 4,
-        image_size: int = 256,
+        image_size: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         lr_decay_fraction: float = 0.95,
@@ -175,6 +175,7 @@ class EfficientAD(AnomalyDetector):
         max_maps_per_category: int = 6,
     ) -> None:
         super().__init__(max_maps_per_category=max_maps_per_category)
+        image_size = image_size or DEFAULT_IMAGE_SIZE  # the CLI passes data.image_size
         if model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
         if require_penalty and penalty_dir is None:
@@ -225,7 +226,7 @@ class EfficientAD(AnomalyDetector):
         if tuple(images.shape[-2:]) != (expected, expected):
             raise ValueError(
                 f"EfficientAD was built for {expected}×{expected} images (the autoencoder's output size "
-                f"depends on it) but got {tuple(images.shape[-2:])}; set data.image_size = model.init_args.image_size."
+                f"depends on it) but got {tuple(images.shape[-2:])}; set data.image_size (the model takes it from there)."
             )
 
     def normalized_teacher(self, images: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_modules.base import DetectorOutput
+from lightning_modules.base import DEFAULT_IMAGE_SIZE, DetectorOutput
 from lightning_modules.efficientad import TEACHER_CHANNELS, EfficientAD
 from networks.puad import MahalanobisScorer
 
@@ -40,7 +40,7 @@ class PUAD(EfficientAD):
         penalty_dir: str | None = None,
         require_penalty: bool = False,
         penalty_num_workers: int = 4,
-        image_size: int = 256,
+        image_size: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         lr_decay_fraction: float = 0.95,
@@ -52,6 +52,7 @@ class PUAD(EfficientAD):
         score_mode: Literal["combined", "picturable", "unpicturable"] = "combined",
         max_maps_per_category: int = 6,
     ) -> None:
+        image_size = image_size or DEFAULT_IMAGE_SIZE  # the CLI passes data.image_size
         # The EfficientAD arguments are repeated (not *args/**kwargs) so the CLI and --help list them.
         super().__init__(
             model_size=model_size, teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,

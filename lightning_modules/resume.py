@@ -28,6 +28,25 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Open a checkpoint (memory-mapped: cheap) or fail with one message naming the file.
+
+    torch's own error for a truncated file ("failed finding central directory") says neither which
+    file nor what probably happened.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: cannot be read as a checkpoint ({type(error).__name__}: {str(error).splitlines()[0]}). The file "
+            "is probably truncated (an interrupted save or copy) or is not a Lightning checkpoint."
+        ) from error
+
+
 def rng_states() -> dict[str, Any]:
     """The states of every random-number generator a run draws from (torch, CUDA, numpy, Python), as
     tensors and plain Python values: Lightning reads checkpoints with torch.load(weights_only=True)."""
@@ -83,8 +102,10 @@ class ResumeCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # Not for a diverged loss (nothing worth resuming) and not before the first step.
-        if trainer.state.fn == "fit" and trainer.global_step > 0 and not getattr(exception, "diverged", False):
+        # Not for a diverged loss (nothing worth resuming), not before the first step, and not under DDP,
+        # where the other processes would never reach the save's barrier (the epoch checkpoints cover it).
+        if (trainer.state.fn == "fit" and trainer.global_step > 0 and trainer.world_size == 1
+                and not getattr(exception, "diverged", False)):
             self.save(trainer)
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from lightning_modules.base import AnomalyDetector, DetectorOutput
+from lightning_modules.base import DEFAULT_IMAGE_SIZE, AnomalyDetector, DetectorOutput
 from networks.ulsad import ULSADNetwork, attention_pool, feature_distance
 
 MAX_QUANTILE_VALUES = 2**24  # torch.quantile's input limit; the reference code subsamples the same way
@@ -46,7 +46,7 @@ class ULSAD(AnomalyDetector):
         layers: list[str] | None = None,
         pretrained: bool | str = True,
         weights_file: str | None = None,
-        image_size: int = 256,
+        image_size: int | None = None,
         feature_channels: int = 384,
         alpha_local: float = 0.5,
         beta_global: float = 0.5,
@@ -66,6 +66,7 @@ class ULSAD(AnomalyDetector):
         max_maps_per_category: int = 6,
     ) -> None:
         super().__init__(max_maps_per_category=max_maps_per_category)
+        image_size = image_size or DEFAULT_IMAGE_SIZE  # the CLI passes data.image_size
         self.save_hyperparameters()
         self.network = ULSADNetwork(
             backbone=backbone, layers=layers or ["layer2", "layer3"], pretrained=pretrained,

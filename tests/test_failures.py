@@ -101,3 +101,56 @@ def test_an_uncalibrated_checkpoint_is_not_tested(embedded_root, tmp_path):
         evaluate(["--checkpoint", str(Path(results["run_dir"]) / "checkpoints" / "last.ckpt"),
                   "--output_dir", str(tmp_path / "evaluation"), "--trainer.enable_progress_bar=false"])
     assert not (tmp_path / "evaluation" / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------------------ what a user reads
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    env.pop("ANOMALY_LAB_DEBUG", None)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    ("--data.root=/nowhere/at/all", "dataset root /nowhere/at/all does not exist"),
+    ("--data.image_size=100", "image_size must be a multiple of 64 and at least 128"),
+    ("--model.init_args.image_size=256", "model.init_args.image_size=256 differs from data.image_size=128"),
+])
+def test_user_errors_are_one_paragraph_without_a_traceback(bad, says, tmp_path):
+    args = ["train.py", "--config", "configs/quickstart_weights_free.yaml", "--data.layout=mvtec_ad",
+            f"--data.root={fake_trees.make_mvtec_ad(tmp_path / 'data')}", "--model.init_args.backbone=resnet18",
+            "--model.init_args.pretrained=false", f"--run.output_root={tmp_path / 'runs'}", bad]
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert says in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "--debug" in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no empty run folder
+    debug = run_cli(*args, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and says in debug.stderr
+
+
+def test_one_image_size_key_sets_both_model_and_data(tmp_path, monkeypatch):
+    from lightning_modules.cli import AnomalyCLI
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cli = AnomalyCLI(args=["--config", str(REPO / "configs/quickstart_weights_free.yaml"), "--data.image_size=256",
+                           "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=false",
+                           f"--run.output_root={tmp_path}", "--wandb.mode=disabled"])
+    assert cli.model.hparams.image_size == cli.datamodule.image_size == 256
+    assert cli.model.network.image_size == 256
+
+
+def test_a_truncated_checkpoint_is_named_and_evaluation_leaves_no_empty_folders(embedded_root, tmp_path):
+    results = train(tiny_ulsad_args(embedded_root, tmp_path / "runs"))
+    final = Path(results["checkpoint"])
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(final.read_bytes()[: final.stat().st_size // 2])
+    config = str(Path(results["run_dir"]) / "config.yaml")
+    result = run_cli("evaluate.py", "--checkpoint", str(truncated), "--config", config,
+                     "--output_dir", str(tmp_path / "broken"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{truncated}: cannot be read as a checkpoint" in result.stderr and "truncated" in result.stderr
+
+    evaluate(["--checkpoint", str(final), "--output_dir", str(tmp_path / "evaluation"),
+              "--trainer.enable_progress_bar=false"])
+    assert sorted(path.name for path in (tmp_path / "evaluation").iterdir()) == ["maps", "metrics.json", "scores.csv"]

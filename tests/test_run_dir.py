@@ -55,7 +55,7 @@ def test_full_precision_runs_turn_tf32_off(precision, tf32_off, tmp_path, monkey
     root = fake_trees.make_mvtec_ad(tmp_path / "mvtec_ad")
     AnomalyCLI(args=[
         "--model=lightning_modules.ulsad.ULSAD", "--model.init_args.backbone=resnet18",
-        "--model.init_args.pretrained=false", "--model.init_args.image_size=128", "--model.init_args.feature_channels=64",
+        "--model.init_args.pretrained=false", "--model.init_args.feature_channels=64",
         "--data.layout=mvtec_ad", f"--data.root={root}", "--data.image_size=128", f"--trainer.precision={precision}",
         f"--run.output_root={tmp_path / 'runs'}", "--wandb.mode=disabled",
     ])
@@ -74,7 +74,7 @@ def test_resume_takes_the_newest_folder_that_holds_a_checkpoint(tmp_path, monkey
         resolve_run_dir(str(tmp_path), "ulsad", resume=True, explicit=None)
 
 
-@pytest.mark.parametrize("bad", ["--data.root=/nowhere/at/all", "--model.init_args.image_size=100"])
+@pytest.mark.parametrize("bad", ["--data.root=/nowhere/at/all", "--data.image_size=100"])
 def test_a_failed_start_leaves_no_run_folder(bad, tmp_path, monkeypatch):
     from train import train
 
