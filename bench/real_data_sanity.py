@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import tempfile
@@ -39,7 +38,7 @@ for path in (BENCH_DIR, REPO_ROOT):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import machine_info, make_console, quiet_lightning, write_json_report
+from throughput import machine_info, make_console, prepare_training_bench, write_json_report
 
 CATEGORY = "grid"
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
@@ -156,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if not (dataset_root / CATEGORY).is_dir():
         console.print(f"skipped: folder absent: {dataset_root / CATEGORY} (pass --data-root)")
         return None
-    quiet_lightning()
-    logging.getLogger("datamodules").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare_training_bench(args.threads)
     info = machine_info(torch.device("cpu"))
 
     loading = measure_loading(dataset_root, args.image_size, args.batch_size, args.num_workers)

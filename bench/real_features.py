@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ for path in (BENCH_DIR, REPO_ROOT):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from throughput import machine_info, make_console, quiet_lightning, write_json_report
+from throughput import machine_info, make_console, prepare_training_bench, write_json_report
 
 from tests.real_samples import (
     IMAGENET_BOTTLE_CLASSES,
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if not bottle_root.is_dir():
         console.print(f"skipped: folder absent: {bottle_root} (pass --data-root)")
         return None
-    quiet_lightning()
-    logging.getLogger("datamodules").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    prepare_training_bench(args.threads)
 
     classification = classify(bottle_root, args.classify_size)
     table = Table(title=f"Packaged Lite0, ImageNet top-5 on mvtec_ad/bottle ({args.classify_size} px, whole image)")

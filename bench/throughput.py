@@ -486,6 +486,14 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def prepare_training_bench(threads: int | None) -> None:
+    """For scripts that train through train.py: quiet Lightning and the data scan; optionally fix the thread count."""
+    quiet_lightning()
+    logging.getLogger("datamodules").setLevel(logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def write_json_report(path: Path | None, report: dict[str, Any], console: Console) -> None:
     """Write a benchmark's figures as JSON (when --json was given), creating the folder."""
     if path is None:
