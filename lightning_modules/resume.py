@@ -1,12 +1,14 @@
-"""What makes a run resumable at any moment: the rolling `last.ckpt` and a training log that survives a resume.
+"""What makes a run resumable: the rolling `last.ckpt` and a training log that survives a resume.
 
 `ResumeCheckpoint` rewrites `checkpoints/last.ckpt` at the end of every training epoch (whatever the
 validation cadence: the quickstart and the EfficientAD configs validate once, after training),
-every N optimizer steps when asked, and when training dies with an exception. Each write goes to a
-temporary file that then replaces the old one, so a `kill -9` mid-write leaves the previous
-checkpoint whole. The checkpoint also holds every process's random-number-generator states, so a
-resumed run draws the numbers the uninterrupted run would have drawn (the data order is a
-function of the seed and the epoch, see the datamodule).
+every N optimizer steps when asked, and when training on one process dies with an exception. Each
+write goes to a temporary file that then replaces the old one, so a `kill -9` mid-write leaves the
+previous checkpoint whole. The checkpoint also holds every process's random-number-generator
+states; the train sampler and the synthesis draw from those generators, so a run resumed from an
+epoch-end checkpoint draws the numbers, and the data order, the uninterrupted run would have drawn.
+A mid-epoch checkpoint restores the step count and optimizer state, but Lightning cannot skip into a
+plain DataLoader, so the rest of that epoch draws its batches afresh (close, not equal).
 
 `ResumableCSVLogger` keeps the curves logged before the checkpoint when a run resumes, instead of
 Lightning's default of deleting `metrics.csv`.
