@@ -41,7 +41,9 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
         # Calibration (quantiles, z-statistics, ...) on the final weights, whatever the validation cadence.
         trainer.validate(model, datamodule=datamodule, verbose=False)
         final_checkpoint = cli.run_dir / "checkpoints" / "final.ckpt"
-        trainer.save_checkpoint(final_checkpoint)
+        # final.ckpt is for use (evaluate, predict, export): weights and fitted statistics, no optimiser
+        # state (Adam keeps two moments per weight, as large as the model); last.ckpt keeps it for --run.resume.
+        trainer.save_checkpoint(final_checkpoint, weights_only=True)
         results: dict[str, Any] = {"run_dir": cli.run_dir, "checkpoint": final_checkpoint}
         if cli.config.run.test:
             trainer.test(model, datamodule=datamodule, verbose=False)

@@ -4,15 +4,22 @@
         --precision fp32 bf16 --iterations 5 --warmup 1 [--json out.json] [--model.init_args.frn_hidden_scale=0.5]
 
 The detector is built by the same command line as ``train.py`` (``AnomalyCLI``), so any dotted
-override after the options reaches it; the class's ``checkpoint_init_overrides`` make it weights-free
-(random backbone / teacher, no penalty images), which changes no layer shape and hence no speed.
-Its fitted statistics (feature standardisation, map quantiles, Gaussians) are fitted on random images
-through the detector's own hooks, so ``predict`` runs the same code path as after training.
+override after the options reaches it, inside ``weights_restored_later()`` as for loading a checkpoint:
+no pretrained weights are looked up (random backbone / teacher, no penalty images), which changes no
+layer shape and hence no speed. No Trainer is involved: its fitted statistics (feature
+standardisation, map quantiles, Gaussians, decision threshold) are fitted on random images through
+the detector's own public hooks (``fit_training_statistics``, ``calibrate``), so the model's
+``forward`` runs the same code path as after training.
 
-What is timed: ``AnomalyDetector.evaluation_map`` on a batch already on the device (the network, the
-map post-processing, the upsampling to the evaluation size and the image score; no data loading, no
-metrics), under ``torch.inference_mode`` like Lightning's test loop; ``torch.cuda.synchronize`` around
-every batch on GPU. ``--train-step`` times forward + backward + optimizer step of ``training_step``.
+What is timed: the model's ``forward`` (``AnomalyModel``: networks, map post-processing, image score;
+no data loading, no metrics) on a batch already on the device, under ``torch.inference_mode`` like
+Lightning's test loop; ``torch.cuda.synchronize`` around every batch on GPU. ``--train-step`` times
+forward + backward + optimizer step of ``training_step``.
+
+Compute: FLOPs per image of that forward (``torch.utils.flop_counter``, one fp32 pass; a multiply-add
+counts 2), and the fraction of this machine's peak they reach, with the peak measured in the same run
+by a large matmul in the same precision (``--peak-size``). When anomalib is installed, its
+EfficientAD-S torch model is timed in the same run as a reference (``--anomalib``).
 
 Peak memory:
 - cuda: ``torch.cuda.max_memory_allocated`` over warm-up and timed batches (tensors only; the caching
@@ -34,6 +41,8 @@ import ctypes
 import ctypes.util
 import gc
 import importlib
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
@@ -45,11 +54,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -168,8 +175,8 @@ def build_detector(config: str | Path, image_size: int | None, extra_args: list[
     Returns the module (on CPU, not attached to a trainer).
     """
     from lightning_modules.cli import AnomalyCLI
+    from networks.backbones import weights_restored_later
 
-    cls = detector_class(config)
     args = [
         "--config",
         str(config),
@@ -178,12 +185,9 @@ def build_detector(config: str | Path, image_size: int | None, extra_args: list[
         "--trainer.enable_progress_bar=false",
         "--trainer.accelerator=cpu",
     ]
-    args += [
-        f"--model.init_args.{key}={_cli_value(value)}" for key, value in cls.checkpoint_init_overrides.items()
-    ]
     if image_size is not None:
         args.append(f"--data.image_size={image_size}")  # the model takes it from there
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), weights_restored_later():
         warnings.filterwarnings(
             "ignore", message="LightningCLI's args parameter"
         )  # our own sys.argv is not its
@@ -215,46 +219,45 @@ def random_batches(
     return batches
 
 
-@contextmanager
-def stand_in_trainer(
-    detector, batches: list[dict], precision: str, total_steps: int = 1000
-) -> Iterator[None]:
-    """Lets hooks that read ``self.trainer`` run without a Trainer (PUAD's calibration fits its Gaussian on
-    ``trainer.datamodule.statistics_dataloader()``; EfficientAD's optimizer reads ``estimated_stepping_batches``).
-    Here the "training set" is the same random batches."""
-    device = batches[0]["image"].device
-    detector._trainer = SimpleNamespace(
-        datamodule=SimpleNamespace(statistics_dataloader=lambda: batches),
-        precision_plugin=SimpleNamespace(forward_context=lambda: precision_context(precision, device)),
-        estimated_stepping_batches=total_steps,
-        global_rank=0,
-        is_global_zero=True,
-    )
-    try:
-        yield
-    finally:
-        detector._trainer = None
-
-
 def fit_dummy_statistics(
     detector, train_batches: list[dict], validation_batches: list[dict], precision: str
 ) -> None:
-    """Run the detector's own statistics hooks on random images, as training and calibration would.
+    """Run the detector's own fitting hooks on random images, as training and calibration would.
 
     Distinct "train" and "validation" images, as in a real run: statistics fitted and then evaluated on the
     same few images can degenerate (e.g. two points are equidistant from their own mean, so a z-score's
     standard deviation would be 0).
     """
     device = train_batches[0]["image"].device
-    with stand_in_trainer(detector, train_batches, precision):
-        detector.fit_pre_training_statistics(train_batches)
-        detector.eval()
-        with torch.no_grad(), precision_context(precision, device):
-            outputs = [
-                {k: v.detach().float() for k, v in detector.calibration_step(b).items()}
-                for b in validation_batches
-            ]
-        detector.fit_calibration(detector._concat_and_gather(outputs))
+    with precision_context(precision, device):
+        detector.fit_training_statistics(train_batches)
+        detector.calibrate(validation_batches, train_batches)
+
+
+def count_flops_per_image(model, image_size: int, device: torch.device) -> float:
+    """FLOPs of one image through the model's forward (fp32; torch.utils.flop_counter counts a multiply-add as 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.rand(1, 3, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(images)
+    return float(counter.get_total_flops())
+
+
+def measure_matmul_peak(precision: str, device: torch.device, size: int, seconds: float = 2.0) -> float:
+    """FLOP/s of a size×size×size matmul in this precision: the attainable peak the detectors are compared with."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.rand(size, size, device=device, dtype=dtype)
+    b = torch.rand(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)  # warm-up: kernel choice, packing buffers
+    synchronize(device)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        repeats += 1
+        synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------- measurements
@@ -277,6 +280,9 @@ class Measurement:
     peak_memory_mib: float
     memory_increase_mib: float
     memory_measure: str
+    gflop_per_image: float = float("nan")
+    peak_gflop_per_s: float = float("nan")
+    fraction_of_peak: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
 
@@ -305,7 +311,8 @@ def _optimizer_of(configured) -> torch.optim.Optimizer:
 
 
 def measure(
-    config: str, args: argparse.Namespace, precision: str, extra_args: list[str], console: Console
+    config: str, args: argparse.Namespace, precision: str, extra_args: list[str], console: Console,
+    peaks: dict[str, float],
 ) -> Measurement:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as run_dir:
@@ -331,8 +338,7 @@ def measure(
 
     memory = PeakMemory(device)
     if args.train_step:
-        with stand_in_trainer(detector, batches, precision):
-            optimizer = _optimizer_of(detector.configure_optimizers())
+        optimizer = _optimizer_of(detector.build_optimizers(total_steps=1000))
         detector.train()
         if getattr(detector.hparams, "cache_features", False):
             notes.append(
@@ -348,10 +354,11 @@ def measure(
             optimizer.step()
     else:
         detector.eval()
+        model = detector.model
 
         def run_batch() -> None:
             with torch.inference_mode(), precision_context(precision, device):
-                detector.evaluation_map(batch["image"])
+                model(batch["image"])
 
     memory.start()
     with warnings.catch_warnings():
@@ -359,6 +366,9 @@ def measure(
         seconds = _time_batches(run_batch, args.iterations, args.warmup, device)
     memory.stop()
     total = sum(seconds)
+    images_per_s = args.batch_size * len(seconds) / total
+    flops = count_flops_per_image(detector.model, image_size, device) if not args.train_step else float("nan")
+    peak = peaks.get(precision, float("nan"))
     result = Measurement(
         detector=type(detector).__name__,
         config=str(config),
@@ -370,16 +380,66 @@ def measure(
         batch_size=args.batch_size,
         image_size=image_size,
         iterations=args.iterations,
-        images_per_s=args.batch_size * len(seconds) / total,
+        images_per_s=images_per_s,
         ms_per_image=1000 * total / (args.batch_size * len(seconds)),
         batch_ms_median=1000 * statistics.median(seconds),
         batch_ms_min=1000 * min(seconds),
         peak_memory_mib=memory.peak_mib,
         memory_increase_mib=memory.increase_mib,
         memory_measure=memory.measure,
+        gflop_per_image=flops / 1e9,
+        peak_gflop_per_s=peak / 1e9,
+        fraction_of_peak=flops * images_per_s / peak,
         notes=notes,
     )
     return result
+
+
+def measure_anomalib_efficientad(args: argparse.Namespace, precision: str, peaks: dict[str, float],
+                                 console: Console) -> Measurement | None:
+    """anomalib's EfficientAD-S torch model timed exactly like ours (None when anomalib is not installed).
+
+    Its forward in eval mode includes its own map post-processing (quantile normalisation, upsampling
+    to the input size, max score), so the two timings cover the same work, except the ImageNet input
+    normalisation, which anomalib 2 does in its pre-processor (negligible).
+    """
+    if importlib.util.find_spec("anomalib") is None:
+        console.print("anomalib is not installed: no reference row (pip install anomalib to add one)")
+        return None
+    from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel, EfficientAdModelSize
+
+    device = torch.device(args.device)
+    image_size = args.image_size or 256
+    model = EfficientAdModel(teacher_out_channels=384, model_size=EfficientAdModelSize.S).to(device).eval()
+    with torch.no_grad():  # the statistics anomalib fits before inference, set to harmless values
+        model.mean_std["mean"].zero_()
+        model.mean_std["std"].fill_(1.0)
+        for key, value in model.quantiles.items():  # qa_st, qb_st, qa_ae, qb_ae
+            value.fill_(1.0 if key.startswith("qb") else 0.0)
+    images = torch.rand(args.batch_size, 3, image_size, image_size, device=device)
+
+    def run_batch() -> None:
+        with torch.inference_mode(), precision_context(precision, device):
+            model(images)
+
+    memory = PeakMemory(device)
+    memory.start()
+    seconds = _time_batches(run_batch, args.iterations, args.warmup, device)
+    memory.stop()
+    total = sum(seconds)
+    images_per_s = args.batch_size * len(seconds) / total
+    flops = count_flops_per_image(model, image_size, device)
+    return Measurement(
+        detector="anomalib EfficientAD-S", config="anomalib " + importlib.metadata.version("anomalib"),
+        mode="predict", device=str(device), precision=precision, channels_last=False,
+        threads=torch.get_num_threads(), batch_size=args.batch_size, image_size=image_size,
+        iterations=args.iterations, images_per_s=images_per_s,
+        ms_per_image=1000 * total / (args.batch_size * len(seconds)),
+        batch_ms_median=1000 * statistics.median(seconds), batch_ms_min=1000 * min(seconds),
+        peak_memory_mib=memory.peak_mib, memory_increase_mib=memory.increase_mib, memory_measure=memory.measure,
+        gflop_per_image=flops / 1e9, peak_gflop_per_s=peaks[precision] / 1e9,
+        fraction_of_peak=flops * images_per_s / peaks[precision],
+    )
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -412,6 +472,8 @@ def print_table(rows: list[Measurement], console: Console) -> None:
         "ms/batch (median)",
         "peak MiB",
         "Δ MiB",
+        "GFLOP/img",
+        "% of peak",
     ):
         table.add_column(
             name, justify="right" if name not in ("detector", "mode", "device", "precision") else "left"
@@ -429,6 +491,8 @@ def print_table(rows: list[Measurement], console: Console) -> None:
             f"{row.batch_ms_median:.0f}",
             f"{row.peak_memory_mib:.0f}",
             f"{row.memory_increase_mib:.0f}",
+            f"{row.gflop_per_image:.1f}" if math.isfinite(row.gflop_per_image) else "–",
+            f"{100 * row.fraction_of_peak:.0f}%" if math.isfinite(row.fraction_of_peak) else "–",
         )
     console.print(table)
     for measure in dict.fromkeys(row.memory_measure for row in rows):
@@ -472,6 +536,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="time forward + backward + optimizer step of training_step instead of predict",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and machine facts here")
+    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmul")
+    parser.add_argument("--anomalib", choices=("auto", "off"), default="auto",
+                        help="auto: also time anomalib's EfficientAD-S torch model when anomalib is installed")
     return parser.parse_known_args(argv)
 
 
@@ -519,6 +586,10 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         console.print("[red]--device cuda asked for, but torch sees no GPU[/red]")
         raise SystemExit(2)
     info = machine_info(device)
+    peaks = {precision: measure_matmul_peak(precision, device, args.peak_size) for precision in args.precision}
+    info["matmul_peak_gflop_per_s"] = {precision: peak / 1e9 for precision, peak in peaks.items()}
+    console.print("measured peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items())
+                  + f" ({args.peak_size}³ matmul)")
     rows: list[Measurement] = []
     skipped: dict[str, str] = {}
     for config in args.config:
@@ -531,7 +602,12 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             )
             continue
         for precision in args.precision:
-            rows.append(measure(config, args, precision, extra_args, console))
+            rows.append(measure(config, args, precision, extra_args, console, peaks))
+    if args.anomalib == "auto" and not args.train_step:
+        for precision in args.precision:
+            row = measure_anomalib_efficientad(args, precision, peaks, console)
+            if row is not None:
+                rows.append(row)
     if hasattr(os, "getloadavg"):
         info["load_average_after"] = list(os.getloadavg())
     if rows:

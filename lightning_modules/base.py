@@ -1,12 +1,14 @@
-"""The evaluation path every detector shares.
+"""The training and evaluation path every detector shares.
 
-A detector subclass supplies its networks, its loss (``training_step``), and three small hooks:
-``predict`` (raw anomaly map and optional image score), ``calibration_step`` /
-``fit_calibration`` (statistics fitted on held-out normal images after training) and optionally
-``fit_pre_training_statistics``. This class does the rest, identically for every detector:
-upsampling maps to the evaluation size, collecting test results across processes, per-category
-and mean metrics (plus the logical/structural split on MVTec LOCO-style data), the run folder,
-W&B logging, the results table, and the throughput and memory figures.
+A detector is a pure-torch ``AnomalyModel`` (``networks/``: it scores images alone, fitted
+statistics included) wrapped by a thin subclass of ``AnomalyDetector`` that supplies the loss
+(``training_step``, ``build_optimizers``) and explicit fitting hooks: ``fit_training_statistics``
+(on the training images, before training) and ``calibration_step`` / ``fit_calibration`` (on
+held-out normal images, after training). This class does the rest, identically for every
+detector: the decision threshold (fitted on the same held-out normal images), collecting test
+results across processes, per-category and mean metrics (plus the logical/structural split on
+MVTec LOCO-style data), the run folder, W&B logging, the results table, and the throughput and
+memory figures. Every hook also runs without a Trainer (``calibrate``), which the benchmark uses.
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
@@ -31,6 +31,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules import metrics as M
 from lightning_modules import reporting
+from networks.anomaly_model import AnomalyModel
 
 KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
 # A detector's image_size when built in Python without one; the CLI always passes data.image_size.
@@ -51,14 +52,6 @@ class NonFiniteResults(RuntimeError):
     """Maps or scores that are NaN or infinite: they must never turn into metrics or fitted statistics."""
 
 
-@dataclass
-class DetectorOutput:
-    """What a detector's ``predict`` returns for a batch of images."""
-
-    anomaly_map: Tensor  # B×1×h×w, any resolution; larger = more anomalous
-    image_score: Tensor | None = None  # B; None → max of the evaluation-size map
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -76,6 +69,14 @@ def without_padding(batch: dict[str, Any]) -> dict[str, Any]:
     positions = keep.nonzero().flatten().tolist()
     return {key: (value[keep] if isinstance(value, Tensor) else [value[i] for i in positions])
             for key, value in batch.items()}
+
+
+def require_finite_scores(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The validation scores a threshold is fitted on, refused when any is NaN or infinite."""
+    if not all(bool(torch.isfinite(value).all()) for value in values.values()):
+        raise NonFiniteResults("The calibrated model gives NaN or infinite scores on the validation images; "
+                               "no decision threshold was fitted. The training has probably diverged.")
+    return values
 
 
 def gather_samples(tensor: Tensor) -> Tensor:
@@ -132,14 +133,15 @@ class StoredResults:
 
 
 class AnomalyDetector(LightningModule, ABC):
-    """Base LightningModule of every detector: the shared evaluation path (see module docstring)."""
+    """Base LightningModule of every detector: the shared training and evaluation path (see module docstring)."""
 
-    #: init-arg overrides ``evaluate.py`` applies when rebuilding the module around a checkpoint:
-    #: the checkpoint already holds every weight, so nothing needs to be looked up or downloaded.
-    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {}
+    model: AnomalyModel  # set by the subclass: the whole inference path and every fitted statistic
 
-    def __init__(self, max_maps_per_category: int = 6) -> None:
+    def __init__(self, threshold_fpr: float = 0.05, max_maps_per_category: int = 6) -> None:
         super().__init__()
+        if not 0 < threshold_fpr < 1:
+            raise ValueError(f"threshold_fpr must lie in (0, 1), got {threshold_fpr}")
+        self.threshold_fpr = threshold_fpr
         self.max_maps_per_category = max_maps_per_category
         self.test_store = TestResultStore()
         self.weights_source = "n/a"
@@ -147,27 +149,74 @@ class AnomalyDetector(LightningModule, ABC):
         self._calibration_outputs: list[dict[str, Tensor]] = []
 
     # ------------------------------------------------------------------ detector hooks
-    @abstractmethod
-    def predict(self, images: Tensor) -> DetectorOutput:
-        """Anomaly map (and optionally image score) of a batch of [0, 1] RGB images, in eval mode."""
+    def fit_training_statistics(self, training_batches: Iterable[dict[str, Any]]) -> None:
+        """Fit statistics the training needs first, on the training images (e.g. feature standardisation)."""
 
     def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Per-sample tensors computed on held-out normal images; gathered for ``fit_calibration``."""
         return {}
 
-    def fit_calibration(self, collected: dict[str, Tensor]) -> None:
-        """Fit post-training statistics (map quantiles, score z-statistics) from validation images."""
+    def fit_calibration(self, collected: dict[str, Tensor], training_batches: Iterable[dict[str, Any]]) -> None:
+        """Fit post-training statistics (map quantiles, score statistics) from the gathered validation tensors;
+        ``training_batches`` serves the training images again for statistics that come from them (PUAD's Gaussian)."""
 
-    def is_calibrated(self) -> bool:
-        """True once ``fit_calibration`` has fitted what testing needs; testing refuses an uncalibrated model."""
-        return True
-
-    def fit_pre_training_statistics(self, dataloader: Iterable) -> None:
-        """Fit statistics the training needs first (e.g. feature standardisation); default none."""
+    @abstractmethod
+    def build_optimizers(self, total_steps: int) -> Any:
+        """What ``configure_optimizers`` returns, for a run of ``total_steps`` optimiser steps (None: no optimiser)."""
 
     def run_info(self) -> dict[str, Any]:
         """Facts about the run a reader of metrics.json needs (weights used, fitted-statistics status)."""
         return {"detector": type(self).__name__, "weights_source": self.weights_source}
+
+    # ------------------------------------------------------------------ the model's contract
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The batch fields the model declares it needs besides the image (``AnomalyModel.input_fields``)."""
+        return {name: batch[name] for name in self.model.input_fields}
+
+    def forward(self, images: Tensor, **fields: Tensor):
+        return self.model(images, **fields)
+
+    def is_calibrated(self) -> bool:
+        """True once the model's statistics and decision threshold are fitted; testing refuses an uncalibrated model."""
+        return self.model.is_calibrated()
+
+    def configure_optimizers(self):
+        return self.build_optimizers(self.trainer.estimated_stepping_batches)
+
+    def calibrate(self, validation_batches: Iterable[dict[str, Any]], training_batches: Iterable[dict[str, Any]]) -> None:
+        """Everything fitted on held-out normal images after training, without a Trainer: the detector's
+        statistics, then the decision threshold. (In a run, the validation loop does the same.)"""
+        collected = self.collect(validation_batches, lambda batch: self.calibration_step(batch))
+        self._fit_calibration_and_threshold(collected, training_batches, validation_batches)
+
+    def _fit_calibration_and_threshold(self, collected, training_batches, validation_batches) -> None:
+        bad = sorted(name for name, values in collected.items() if not bool(torch.isfinite(values).all()))
+        if bad:
+            raise NonFiniteResults(
+                f"Calibration on the validation images produced NaN or infinite values in {bad}: the model's maps "
+                "are not finite, so no statistics were fitted. The training has probably diverged."
+            )
+        self.fit_calibration(collected, training_batches)
+        self.fit_threshold(validation_batches)
+        self.model.record_fitted_settings()
+
+    def fit_threshold(self, validation_batches: Iterable[dict[str, Any]]) -> None:
+        """The decision threshold at ``threshold_fpr`` on the held-out normal images, through the final model."""
+        def scores(batch):
+            normal = batch["label"] == 0
+            fields = {name: value[normal] for name, value in self.model_inputs(batch).items()}
+            output = self.model(batch["image"][normal], **fields)
+            maps = output.anomaly_map.float().flatten(1)
+            return {"score": output.image_score.float(), "max": maps.amax(dim=1), "median": maps.median(dim=1).values}
+        values = require_finite_scores(self.collect(validation_batches, scores))
+        self.model.fit_decision_threshold(values["score"], values["max"], values["median"], self.threshold_fpr)
+
+    def log_losses(self, terms: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Sum the loss terms (stopping on a non-finite one), log each and the total; return the total."""
+        loss = self.total_loss(terms)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        return loss
 
     # ------------------------------------------------------------------ utilities for detectors
     def total_loss(self, terms: dict[str, Tensor]) -> Tensor:
@@ -216,8 +265,7 @@ class AnomalyDetector(LightningModule, ABC):
             logger.log_hyperparams({"weights_source": self.weights_source})
 
     def on_train_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        self.fit_pre_training_statistics(datamodule.statistics_dataloader())
+        self.fit_training_statistics(self.trainer.datamodule.statistics_dataloader())
 
     def on_validation_epoch_start(self) -> None:
         self._calibration_outputs = []
@@ -231,24 +279,18 @@ class AnomalyDetector(LightningModule, ABC):
             return
         collected = self._concat_and_gather(self._calibration_outputs)
         self._calibration_outputs = []
-        bad = sorted(name for name, values in collected.items() if not bool(torch.isfinite(values).all()))
-        if bad:
-            raise NonFiniteResults(
-                f"Calibration on the validation images produced NaN or infinite values in {bad}: the model's maps "
-                "are not finite, so no statistics were fitted. The training has probably diverged."
-            )
-        self.fit_calibration(collected)
+        datamodule = self.trainer.datamodule
+        self._fit_calibration_and_threshold(collected, datamodule.statistics_dataloader(), datamodule.val_dataloader())
 
     # ------------------------------------------------------------------ testing
-    def evaluation_map(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Anomaly map at the input resolution (B×H×W, float32) and image score (B)."""
-        output = self.predict(images)
-        anomaly_map = output.anomaly_map.float()
-        if anomaly_map.shape[-2:] != images.shape[-2:]:
-            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        anomaly_map = anomaly_map[:, 0]
-        score = output.image_score.float() if output.image_score is not None else anomaly_map.amax(dim=(-2, -1))
-        return anomaly_map, score
+    def evaluation_map(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The model's anomaly map (B×H×W, float32, the input size) and image score (B) for a batch."""
+        images = batch["image"]
+        output = self.model(images, **self.model_inputs(batch))
+        if tuple(output.anomaly_map.shape) != (images.shape[0], 1, *images.shape[-2:]):
+            raise RuntimeError(f"{type(self.model).__name__} returned a map of shape {tuple(output.anomaly_map.shape)}"
+                               f" for images of shape {tuple(images.shape)}; the contract is B×1×H×W at the input size.")
+        return output.anomaly_map.float()[:, 0], output.image_score.float()
 
     def on_test_epoch_start(self) -> None:
         if not self.is_calibrated():
@@ -270,7 +312,7 @@ class AnomalyDetector(LightningModule, ABC):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        anomaly_map, score = self.evaluation_map(images)
+        anomaly_map, score = self.evaluation_map(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._model_seconds += time.perf_counter() - start
@@ -317,10 +359,12 @@ class AnomalyDetector(LightningModule, ABC):
                 f"{', '.join(paths[:3])}); no metrics were computed from them. The training has probably diverged."
             )
         table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
-        score_rows = score_table(results, records)
+        predicted = self.model.predicted_label(results["scores"].to(self.device)).cpu()
+        score_rows = score_table(results, records, predicted)
         samples = self._gather_display_samples()
         vmin, vmax = display_range(results["maps"])
-        info = {**self.run_info(), **self._speed_and_memory(), "test_images": int(results["scores"].numel())}
+        info = {**self.run_info(), **self._speed_and_memory(), "test_images": int(results["scores"].numel()),
+                "decision_threshold": threshold_report(results, records, predicted, self.model, self.threshold_fpr)}
         self.test_results = {"table": table, "scores": score_rows, "run_info": info}
         for key, value in table.flat("test").items():
             self.log(key, value, rank_zero_only=True, sync_dist=False)
@@ -358,6 +402,7 @@ class AnomalyDetector(LightningModule, ABC):
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_source"] = self.weights_source
+        checkpoint["detector_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_source = checkpoint.get("weights_source", self.weights_source)
@@ -417,13 +462,46 @@ def compute_metrics_table(results: dict[str, Tensor], records, with_kinds: bool)
     return reporting.MetricsTable(rows=rows)
 
 
-def score_table(results: dict[str, Tensor], records) -> list[dict[str, Any]]:
+def score_table(results: dict[str, Tensor], records, predicted: Tensor) -> list[dict[str, Any]]:
     rows = []
-    for index, score, label in zip(results["indices"].tolist(), results["scores"].tolist(), results["labels"].tolist()):
+    for index, score, label, guess in zip(results["indices"].tolist(), results["scores"].tolist(),
+                                          results["labels"].tolist(), predicted.tolist()):
         record = records[index]
         rows.append({"path": str(record.image_path), "category": record.category, "defect_type": record.defect_type,
-                     "anomaly_kind": record.anomaly_kind, "label": int(label), "score": float(score)})
+                     "anomaly_kind": record.anomaly_kind, "label": int(label), "score": float(score),
+                     "predicted_label": int(guess)})
     return rows
+
+
+def _rates(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
+    """Precision, recall and false-positive rate of boolean predictions (None where undefined)."""
+    predicted, actual = predicted.bool(), actual.bool()
+    true_positive = int((predicted & actual).sum())
+    positive, negative, flagged = int(actual.sum()), int((~actual).sum()), int(predicted.sum())
+    return {"precision": true_positive / flagged if flagged else None,
+            "recall": true_positive / positive if positive else None,
+            "false_positive_rate": (flagged - true_positive) / negative if negative else None}
+
+
+def threshold_report(results: dict[str, Tensor], records, predicted: Tensor, model: AnomalyModel,
+                     target_fpr: float) -> dict[str, Any]:
+    """What the decision threshold (fitted on validation normal images) gives on the test set."""
+    labels = results["labels"]
+    categories = np.array([records[i].category for i in results["indices"].tolist()])
+    report: dict[str, Any] = {
+        "fitted_on": "validation normal images", "target_false_positive_rate": target_fpr,
+        "image_threshold": float(model.image_threshold), "pixel_threshold": float(model.pixel_threshold),
+        "image": _rates(predicted, labels),
+        "per_category": {category: _rates(predicted[torch.from_numpy(categories == category)],
+                                          labels[torch.from_numpy(categories == category)])
+                         for category in sorted(set(categories.tolist()))},
+    }
+    with_mask = results["has_mask"]
+    if bool(with_mask.any()):
+        maps, masks = results["maps"][with_mask], results["masks"][with_mask]
+        report["pixel"] = _rates(model.predicted_mask(maps.to(model.pixel_threshold.device)).cpu().flatten(),
+                                 masks.flatten())
+    return report
 
 
 def display_range(maps: Tensor, max_values: int = 1_000_000) -> tuple[float, float]:

@@ -25,8 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.datamodule import AnomalyDataModule
 from datamodules.validate import DatasetError
+
+# Every detector is imported here so that --model=ULSAD (a short name) resolves and --help lists them all.
+from lightning_modules import efficientad, puad, ulsad  # noqa: F401
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
+from networks.anomaly_model import FittedSettingsMismatch
 
 RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
 
@@ -235,6 +239,7 @@ class AnomalyCLI(LightningCLI):
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DatasetError, CheckpointError, TrainingDiverged, NonFiniteResults, NotCalibrated, FileNotFoundError,
+    FittedSettingsMismatch,
 )
 DEBUG_ENV = "ANOMALY_LAB_DEBUG"
 

@@ -17,10 +17,9 @@ import math
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
@@ -28,35 +27,24 @@ from torchvision.transforms.v2 import functional as TF
 
 from datamodules.dataset import read_image
 from datamodules.layouts import list_images
-from lightning_modules.base import DEFAULT_IMAGE_SIZE, AnomalyDetector, DetectorOutput
-from networks.efficientad import EfficientADAutoencoder, PatchDescriptionNetwork, load_teacher_state_dict
+from lightning_modules.base import DEFAULT_IMAGE_SIZE, AnomalyDetector
+from networks.backbones import RESTORED_FROM_CHECKPOINT, weights_are_restored_later
+from networks.efficientad import (
+    TEACHER_CHANNELS,
+    EfficientADModel,
+    PatchDescriptionNetwork,
+    load_teacher_state_dict,
+)
+from networks.statistics import channel_moments, channel_sums, exact_quantile
 
 logger = logging.getLogger(__name__)
 
-TEACHER_CHANNELS = 384
 MODEL_SIZES = ("small", "medium")
 # One of these, with a factor drawn from U(0.8, 1.2), per image of the autoencoder branch (spec §3.3).
 COLOUR_ADJUSTMENTS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def exact_quantile(values: Tensor, q: float) -> Tensor:
-    """The q-quantile of all entries, with torch.quantile's linear interpolation but no size limit.
-
-    torch.quantile refuses inputs above 2**24 elements (a batch of 16 student maps at 256 px has
-    19M); the reference code subsamples there. kthvalue selects the two order statistics exactly.
-    """
-    flat = values.detach().flatten().float()
-    position = q * (flat.numel() - 1)
-    lower = math.floor(position)
-    low = torch.kthvalue(flat, lower + 1).values
-    fraction = position - lower
-    if fraction == 0 or lower + 1 >= flat.numel():
-        return low
-    high = torch.kthvalue(flat, lower + 2).values
-    return torch.lerp(low, high, fraction)
-
-
 def hard_feature_loss(squared_differences: Tensor, quantile: float) -> Tensor:
     """Mean of the entries at or above their `quantile` (spec §3.1: the hardest ~0.1 % of features)."""
     values = squared_differences.float()
@@ -72,11 +60,6 @@ def colour_augmentation(images: Tensor) -> Tensor:
         factor = float(torch.empty(()).uniform_(0.8, 1.2))
         augmented.append(adjust(image, factor))
     return torch.stack(augmented)
-
-
-def normalize_map(anomaly_map: Tensor, q_low: Tensor, q_high: Tensor) -> Tensor:
-    """0.1 · (M − q_low) / (q_high − q_low): q_low → 0, q_high → 0.1 (spec §5)."""
-    return 0.1 * (anomaly_map - q_low) / (q_high - q_low)
 
 
 class PenaltyImages(Dataset):
@@ -112,25 +95,27 @@ class PenaltyImages(Dataset):
         return self.transform(image)
 
 
-def build_teacher(model_size: str, teacher_weights: str | None, teacher_pretrained: bool | str
-                  ) -> tuple[PatchDescriptionNetwork, str]:
-    """The unpadded teacher PDN and where its weights came from (the DESIGN.md weight contract)."""
-    teacher = PatchDescriptionNetwork(model_size, TEACHER_CHANNELS, padding=False)
+def load_teacher(teacher: PatchDescriptionNetwork, teacher_weights: str | None, teacher_pretrained: bool | str
+                 ) -> str:
+    """Load the teacher PDN's weights; return where they came from (the DESIGN.md weight contract)."""
+    model_size = teacher.size
     if not (isinstance(teacher_pretrained, bool) or teacher_pretrained == "auto"):
         raise ValueError(f"teacher_pretrained must be true, false or 'auto', got {teacher_pretrained!r}")
+    if weights_are_restored_later():
+        return RESTORED_FROM_CHECKPOINT
     how_to_get = ("Distil one with `python distill.py --images DIR --size " + model_size + " --out FILE`, or use a "
                   "published teacher_" + model_size + ".pth (nelson1425/EfficientAD or anomalib layouts both load).")
     if teacher_pretrained is False:
         if teacher_weights is not None:
             raise ValueError(f"teacher_pretrained=false asks for a random teacher but teacher_weights="
                              f"{teacher_weights} was given; set teacher_pretrained to true or drop teacher_weights.")
-        return teacher, "random teacher (teacher_pretrained=false)"
+        return "random teacher (teacher_pretrained=false)"
     if teacher_weights is not None:
         path = Path(teacher_weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Teacher weights file not found: {path}. {how_to_get}")
         layout = load_teacher_state_dict(teacher, path)
-        return teacher, f"file:{path.resolve()} ({layout} keys)"
+        return f"file:{path.resolve()} ({layout} keys)"
     if teacher_pretrained is True:
         raise ValueError(f"EfficientAD needs a distilled teacher: teacher_pretrained=true but teacher_weights is "
                          f"null. {how_to_get} Or set teacher_pretrained: false for a weights-free random teacher.")
@@ -138,23 +123,33 @@ def build_teacher(model_size: str, teacher_weights: str | None, teacher_pretrain
                "results are not comparable to the paper. " + how_to_get)
     warnings.warn(message, stacklevel=3)
     logger.warning(message)
-    return teacher, "random teacher (fallback: teacher_pretrained='auto', no teacher_weights)"
+    return "random teacher (fallback: teacher_pretrained='auto', no teacher_weights)"
 
 
 # ---------------------------------------------------------------------------------------- detector
 class EfficientAD(AnomalyDetector):
-    """EfficientAD-S/M on the shared evaluation path.
+    """EfficientAD-S/M: a student distils a frozen teacher PDN, an autoencoder learns the global layout.
 
-    ``teacher_weights`` / ``teacher_pretrained``: the distilled teacher PDN (a file from distill.py
-    or a published one); ``teacher_pretrained: false`` runs weights-free with a random teacher.
-    ``penalty_dir``: natural images for the ImageNet penalty term; null drops the term.
-    ``require_penalty``: refuse to start without ``penalty_dir`` (the paper configs set it: the
-    official code always trains with the penalty, so dropping it must be an explicit choice).
+    Args:
+        model_size: "small" (PDN-S) or "medium" (PDN-M).
+        teacher_weights: the distilled teacher PDN file (from distill.py, nelson1425 or anomalib layouts).
+        teacher_pretrained: true (teacher_weights required), "auto" (random teacher with a warning if none)
+            or false (a weights-free random teacher).
+        penalty_dir: a folder of natural images (ImageNet train, Imagenette) for the penalty term; null drops it.
+        require_penalty: refuse to start without penalty_dir (the paper configs set it: dropping the term
+            must be an explicit choice).
+        penalty_num_workers: data-loader workers for the penalty images.
+        image_size: taken from data.image_size; leave unset.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        lr_decay_fraction: the learning rate drops ×0.1 after this fraction of the steps.
+        hard_quantile: the hard-feature loss keeps the squared differences above this quantile.
+        q_low: lower map quantile of the normalisation, fitted on validation normal images.
+        q_high: upper map quantile of the normalisation.
+        ae_augmentation: colour-augment the autoencoder branch's images (spec §3.3).
+        threshold_fpr: target false-positive rate of the decision threshold on validation normal images.
+        max_maps_per_category: how many test maps per category are saved as images.
     """
-
-    checkpoint_init_overrides: ClassVar[dict[str, Any]] = {
-        "teacher_pretrained": False, "teacher_weights": None, "penalty_dir": None, "require_penalty": False,
-    }
 
     def __init__(
         self,
@@ -172,13 +167,14 @@ class EfficientAD(AnomalyDetector):
         q_low: float = 0.9,
         q_high: float = 0.995,
         ae_augmentation: bool = True,
+        threshold_fpr: float = 0.05,
         max_maps_per_category: int = 6,
     ) -> None:
-        super().__init__(max_maps_per_category=max_maps_per_category)
+        super().__init__(threshold_fpr=threshold_fpr, max_maps_per_category=max_maps_per_category)
         image_size = image_size or DEFAULT_IMAGE_SIZE  # the CLI passes data.image_size
         if model_size not in MODEL_SIZES:
             raise ValueError(f"model_size must be one of {MODEL_SIZES}, got {model_size!r}")
-        if require_penalty and penalty_dir is None:
+        if require_penalty and penalty_dir is None and not weights_are_restored_later():  # a training requirement
             raise ValueError(
                 "These are the paper settings, which train with the ImageNet penalty term (spec §3.2), but "
                 "model.init_args.penalty_dir is null. Point it at a folder of natural images (ImageNet train; "
@@ -187,73 +183,37 @@ class EfficientAD(AnomalyDetector):
                 "--model.init_args.require_penalty=false."
             )
         self.save_hyperparameters()
-        self.teacher, self.weights_source = build_teacher(model_size, teacher_weights, teacher_pretrained)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        self.student = PatchDescriptionNetwork(model_size, 2 * TEACHER_CHANNELS, padding=False)
-        self.autoencoder = EfficientADAutoencoder(TEACHER_CHANNELS, image_size, padding=False)
-        self.penalty_images = PenaltyImages(penalty_dir, image_size) if penalty_dir is not None else None
-        self.penalty_source = (f"on: {Path(penalty_dir).expanduser().resolve()} ({len(self.penalty_images)} images)"
-                               if self.penalty_images is not None else "off")
+        self.model = self.build_model(model_size, image_size)
+        self.weights_source = load_teacher(self.model.teacher, teacher_weights, teacher_pretrained)
+        # A bad penalty folder fails here, before training; rebuilding a checkpoint (evaluation, prediction,
+        # export, the benchmark) never opens it: only training needs the images.
+        self.penalty_images: PenaltyImages | None = None
+        self.penalty_source = f"on: {Path(penalty_dir).expanduser().resolve()}" if penalty_dir is not None else "off"
+        if penalty_dir is not None and not weights_are_restored_later():
+            self._open_penalty_images()
         self._penalty_batches: Iterator[Tensor] | None = None
-        # Teacher channel statistics (spec §2.3); std 0 = not fitted yet.
-        self.register_buffer("teacher_mean", torch.zeros(1, TEACHER_CHANNELS, 1, 1))
-        self.register_buffer("teacher_std", torch.zeros(1, TEACHER_CHANNELS, 1, 1))
-        # (q_low, q_high) of the student–teacher map, then of the autoencoder map; zeros = not fitted.
-        self.register_buffer("map_quantiles", torch.zeros(4))
 
-    def train(self, mode: bool = True) -> EfficientAD:
-        """The teacher stays in eval mode: it is frozen."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+    def build_model(self, model_size: str, image_size: int) -> EfficientADModel:
+        return EfficientADModel(model_size, image_size)
 
-    # ------------------------------------------------------------------ statistics status
-    @property
-    def teacher_statistics_fitted(self) -> bool:
-        return bool((self.teacher_std > 0).all())
-
-    @property
-    def map_quantiles_fitted(self) -> bool:
-        return bool(self.map_quantiles.abs().sum() > 0)
-
-    def is_calibrated(self) -> bool:
-        return self.map_quantiles_fitted
-
-    # ------------------------------------------------------------------ networks
-    def _check_size(self, images: Tensor) -> None:
-        expected = self.hparams.image_size
-        if tuple(images.shape[-2:]) != (expected, expected):
-            raise ValueError(
-                f"EfficientAD was built for {expected}×{expected} images (the autoencoder's output size "
-                f"depends on it) but got {tuple(images.shape[-2:])}; set data.image_size (the model takes it from there)."
-            )
-
-    def normalized_teacher(self, images: Tensor) -> Tensor:
-        """(T − μ)/σ in float32; the raw teacher output while the statistics are not fitted yet."""
-        with torch.no_grad():
-            teacher = self.teacher(images).float()
-        if not self.teacher_statistics_fitted:
-            return teacher
-        return (teacher - self.teacher_mean) / self.teacher_std
-
-    def fit_pre_training_statistics(self, dataloader) -> None:
+    # ------------------------------------------------------------------ statistics on training images
+    def fit_training_statistics(self, training_batches) -> None:
         """Teacher channel mean/std over every training image and position: float64 sums of T and T² ([A])."""
-        if self.teacher_statistics_fitted:
+        if self.model.teacher_statistics_fitted:
             return  # restored from a checkpoint
-        def channel_sums(batch):
-            teacher = self.teacher(batch["image"]).double()
-            return {"sum": teacher.sum(dim=(2, 3)), "sum_sq": (teacher**2).sum(dim=(2, 3)),
-                    "count": torch.full((teacher.shape[0],), teacher.shape[2] * teacher.shape[3],
-                                        dtype=torch.float64, device=teacher.device)}
-        sums = self.collect(dataloader, channel_sums)
-        count = sums["count"].sum()
-        mean = sums["sum"].sum(0) / count
-        std = (sums["sum_sq"].sum(0) / count - mean**2).clamp_min(0).sqrt()
-        self.teacher_mean.copy_(mean.float().view_as(self.teacher_mean))
-        self.teacher_std.copy_(std.float().clamp_min(torch.finfo(torch.float32).tiny).view_as(self.teacher_std))
+        sums = self.collect(training_batches, lambda batch: channel_sums(self.model.teacher(batch["image"])))
+        self.model.set_teacher_statistics(*channel_moments(sums))
 
     # ------------------------------------------------------------------ losses
+    def _open_penalty_images(self) -> None:
+        self.penalty_images = PenaltyImages(self.hparams.penalty_dir, self.model.image_size)
+        self.penalty_source = f"on: {self.penalty_images.folder.resolve()} ({len(self.penalty_images)} images)"
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.hparams.penalty_dir is not None and self.penalty_images is None:
+            self._open_penalty_images()
+
     def next_penalty_batch(self, batch_size: int) -> Tensor:
         """The next batch of penalty images (infinite, sampled with replacement, seeded by the run's seed)."""
         if self.penalty_images is None:
@@ -268,15 +228,23 @@ class EfficientAD(AnomalyDetector):
             self._penalty_batches = iter(loader)
         return next(self._penalty_batches).to(self.device, non_blocking=True)
 
+    def teacher_targets(self, images: Tensor) -> Tensor:
+        """Normalised teacher output; the raw output while the statistics are not fitted yet (unit tests)."""
+        if not self.model.teacher_statistics_fitted:
+            with torch.no_grad():
+                return self.model.teacher(images).float()
+        return self.model.normalized_teacher(images)
+
     def loss_terms(self, images: Tensor, penalty_images: Tensor | None = None) -> dict[str, Tensor]:
         """L_hard, L_penalty (when penalty images are given), L_AE and L_STAE (spec §3), in float32."""
-        self._check_size(images)
+        model = self.model
+        model.check_size(images)
         hp, batch = self.hparams, images.shape[0]
         augmented = colour_augmentation(images) if hp.ae_augmentation else images
-        teacher = self.normalized_teacher(torch.cat([images, augmented]))
+        teacher = self.teacher_targets(torch.cat([images, augmented]))
         student_inputs = [images, augmented] + ([penalty_images] if penalty_images is not None else [])
-        student = self.student(torch.cat(student_inputs)).float()
-        autoencoder = self.autoencoder(augmented).float()
+        student = model.student(torch.cat(student_inputs)).float()
+        autoencoder = model.autoencoder(augmented).float()
 
         student_plain, student_augmented = student[:batch], student[batch : 2 * batch]
         terms = {"loss_hard": hard_feature_loss((teacher[:batch] - student_plain[:, :TEACHER_CHANNELS]) ** 2,
@@ -290,21 +258,15 @@ class EfficientAD(AnomalyDetector):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         images = batch["image"]
         penalty = self.next_penalty_batch(images.shape[0]) if self.penalty_images is not None else None
-        terms = self.loss_terms(images, penalty)
-        loss = self.total_loss(terms)
-        size = images.shape[0]
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, batch_size=size)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        return loss
+        return self.log_losses(self.loss_terms(images, penalty), batch_size=images.shape[0])
 
     def on_train_end(self) -> None:
         self._penalty_batches = None  # dropping the iterator shuts the penalty loader's workers down
 
-    def configure_optimizers(self):
+    def build_optimizers(self, total_steps: int):
         """Adam over student + autoencoder; lr × 0.1 at ``lr_decay_fraction`` of the steps (spec §4)."""
-        parameters = list(self.student.parameters()) + list(self.autoencoder.parameters())
+        parameters = list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
         optimizer = torch.optim.Adam(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("EfficientAD's learning-rate drop needs a finite run: set trainer.max_steps "
                              "(the paper: 70000) or trainer.max_epochs.")
@@ -312,48 +274,19 @@ class EfficientAD(AnomalyDetector):
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ maps
-    def network_outputs(self, images: Tensor) -> dict[str, Tensor]:
-        """Raw student–teacher and autoencoder maps (B×1×S×S, upsampled, float32) plus the feature maps."""
-        self._check_size(images)
-        teacher = self.normalized_teacher(images)
-        student = self.student(images).float()
-        autoencoder = self.autoencoder(images).float()
-        map_st = ((teacher - student[:, :TEACHER_CHANNELS]) ** 2).mean(dim=1, keepdim=True)
-        map_ae = ((autoencoder - student[:, TEACHER_CHANNELS:]) ** 2).mean(dim=1, keepdim=True)
-        maps = F.interpolate(torch.cat([map_st, map_ae], dim=1), size=images.shape[-2:], mode="bilinear",
-                             align_corners=False)
-        return {"map_st": maps[:, :1], "map_ae": maps[:, 1:], "teacher": teacher, "student": student}
-
-    def combined_map(self, map_st: Tensor, map_ae: Tensor) -> Tensor:
-        """0.5 · normalised ST map + 0.5 · normalised AE map (raw maps while quantiles are not fitted)."""
-        if self.map_quantiles_fitted:
-            q = self.map_quantiles
-            map_st, map_ae = normalize_map(map_st, q[0], q[1]), normalize_map(map_ae, q[2], q[3])
-        return 0.5 * map_st + 0.5 * map_ae
-
-    def predict(self, images: Tensor) -> DetectorOutput:
-        outputs = self.network_outputs(images)
-        anomaly_map = self.combined_map(outputs["map_st"], outputs["map_ae"])
-        return DetectorOutput(anomaly_map=anomaly_map, image_score=anomaly_map.amax(dim=(-3, -2, -1)))
-
-    # ------------------------------------------------------------------ calibration
+    # ------------------------------------------------------------------ calibration on held-out normal images
     def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        outputs = self.network_outputs(batch["image"][batch["label"] == 0])
+        outputs = self.model.raw_maps(batch["image"][batch["label"] == 0])
         return {"map_st": outputs["map_st"].flatten(1), "map_ae": outputs["map_ae"].flatten(1)}
 
-    def fit_calibration(self, collected: dict[str, Tensor]) -> None:
-        """Quantiles of the validation images' upsampled maps, pooled over all pixels (spec §5 [P])."""
-        hp = self.hparams
-        fitted = [exact_quantile(collected[name], level).to(self.device)
-                  for name in ("map_st", "map_ae") for level in (hp.q_low, hp.q_high)]
-        self.map_quantiles.copy_(torch.stack(fitted))
+    def fit_calibration(self, collected: dict[str, Tensor], training_batches) -> None:
+        self.model.set_map_quantiles(collected["map_st"], collected["map_ae"], self.hparams.q_low, self.hparams.q_high)
 
     def run_info(self) -> dict[str, Any]:
-        q = self.map_quantiles.tolist()
+        q = self.model.map_quantiles.tolist()
         return {**super().run_info(), "model_size": self.hparams.model_size, "penalty": self.penalty_source,
-                "teacher_statistics_fitted": self.teacher_statistics_fitted,
-                "map_quantiles_fitted": self.map_quantiles_fitted,
+                "teacher_statistics_fitted": self.model.teacher_statistics_fitted,
+                "map_quantiles_fitted": self.model.map_quantiles_fitted,
                 "map_quantiles": {"student_teacher": q[:2], "autoencoder": q[2:]}}
 
     # ------------------------------------------------------------------ checkpoint extras

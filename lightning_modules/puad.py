@@ -5,31 +5,45 @@ maps find local, structural defects); the "unpicturable" detector is a Gaussian 
 feature per image (the student's teacher-imitating half, average-pooled), which catches wrong
 counts or arrangements that no local patch shows. Nothing is retrained: after EfficientAD's own
 calibration, the Gaussian is fitted on the training images and both image scores are
-z-normalised with the validation images' statistics, then added.
+z-normalised with the validation images' statistics, then added (``networks.puad.PUADModel``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
-from lightning_modules.base import DEFAULT_IMAGE_SIZE, DetectorOutput
-from lightning_modules.efficientad import TEACHER_CHANNELS, EfficientAD
-from networks.puad import MahalanobisScorer
-
-FEATURE_SOURCES = ("student", "teacher")
-SCORE_MODES = ("combined", "picturable", "unpicturable")
+from lightning_modules.base import DEFAULT_IMAGE_SIZE, require_finite_scores
+from lightning_modules.efficientad import EfficientAD
+from networks.puad import SCORE_MODES, PUADModel
 
 
 class PUAD(EfficientAD):
     """EfficientAD + Mahalanobis distance of global features; the image score depends on ``score_mode``.
 
-    ``feature_source``: "student" (pooled S(I)[:, :384], the paper's) or "teacher" (pooled
-    normalised teacher output). ``score_mode``: "combined" = z_E + z_M (the paper's);
-    "picturable" = the EfficientAD score s_E alone; "unpicturable" = the Mahalanobis distance d
-    alone. The anomaly map is always EfficientAD's, so pixel metrics do not depend on the mode.
+    Args:
+        model_size: "small" (PDN-S) or "medium" (PDN-M).
+        teacher_weights: the distilled teacher PDN file (from distill.py, nelson1425 or anomalib layouts).
+        teacher_pretrained: true (teacher_weights required), "auto" (random teacher with a warning if none)
+            or false (a weights-free random teacher).
+        penalty_dir: a folder of natural images (ImageNet train, Imagenette) for the penalty term; null drops it.
+        require_penalty: refuse to start without penalty_dir.
+        penalty_num_workers: data-loader workers for the penalty images.
+        image_size: taken from data.image_size; leave unset.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        lr_decay_fraction: the learning rate drops ×0.1 after this fraction of the steps.
+        hard_quantile: the hard-feature loss keeps the squared differences above this quantile.
+        q_low: lower map quantile of the normalisation, fitted on validation normal images.
+        q_high: upper map quantile of the normalisation.
+        ae_augmentation: colour-augment the autoencoder branch's images (spec §3.3).
+        feature_source: "student" (pooled S(I)[:, :384], the paper's) or "teacher" (pooled normalised teacher
+            output): the global feature the Gaussian is fitted on. A checkpoint is read only with its own.
+        score_mode: "combined" = z_E + z_M (the paper's), "picturable" = the EfficientAD score alone,
+            "unpicturable" = the Mahalanobis distance alone. The anomaly map is always EfficientAD's.
+        threshold_fpr: target false-positive rate of the decision threshold on validation normal images.
+        max_maps_per_category: how many test maps per category are saved as images.
     """
 
     def __init__(
@@ -50,97 +64,57 @@ class PUAD(EfficientAD):
         ae_augmentation: bool = True,
         feature_source: Literal["student", "teacher"] = "student",
         score_mode: Literal["combined", "picturable", "unpicturable"] = "combined",
+        threshold_fpr: float = 0.05,
         max_maps_per_category: int = 6,
     ) -> None:
         image_size = image_size or DEFAULT_IMAGE_SIZE  # the CLI passes data.image_size
+        self._puad_settings = {"feature_source": feature_source, "score_mode": score_mode}
         # The EfficientAD arguments are repeated (not *args/**kwargs) so the CLI and --help list them.
         super().__init__(
             model_size=model_size, teacher_weights=teacher_weights, teacher_pretrained=teacher_pretrained,
-            penalty_dir=penalty_dir, require_penalty=require_penalty, penalty_num_workers=penalty_num_workers, image_size=image_size, lr=lr,
-            weight_decay=weight_decay, lr_decay_fraction=lr_decay_fraction, hard_quantile=hard_quantile,
-            q_low=q_low, q_high=q_high, ae_augmentation=ae_augmentation, max_maps_per_category=max_maps_per_category,
+            penalty_dir=penalty_dir, require_penalty=require_penalty, penalty_num_workers=penalty_num_workers,
+            image_size=image_size, lr=lr, weight_decay=weight_decay, lr_decay_fraction=lr_decay_fraction,
+            hard_quantile=hard_quantile, q_low=q_low, q_high=q_high, ae_augmentation=ae_augmentation,
+            threshold_fpr=threshold_fpr, max_maps_per_category=max_maps_per_category,
         )
-        if feature_source not in FEATURE_SOURCES:
-            raise ValueError(f"feature_source must be one of {FEATURE_SOURCES}, got {feature_source!r}")
-        if score_mode not in SCORE_MODES:
-            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         self.save_hyperparameters()
-        self.scorer = MahalanobisScorer(TEACHER_CHANNELS)
-        # mean_E, std_E (EfficientAD score), mean_d, std_d (Mahalanobis) on validation; std 0 = not fitted.
-        self.register_buffer("score_statistics", torch.zeros(4, dtype=torch.float64))
-        self.register_buffer("gaussian_fit_images", torch.zeros((), dtype=torch.long))
 
-    @property
-    def score_statistics_fitted(self) -> bool:
-        return bool(self.score_statistics[1] > 0 and self.score_statistics[3] > 0)
-
-    # ------------------------------------------------------------------ features and scores
-    def global_features(self, outputs: dict[str, Tensor]) -> Tensor:
-        """B×384: the chosen feature map average-pooled over all positions (spec §6.1)."""
-        if self.hparams.feature_source == "student":
-            features = outputs["student"][:, :TEACHER_CHANNELS]
-        else:
-            features = outputs["teacher"]
-        return features.float().mean(dim=(2, 3))
-
-    def efficientad_scores(self, map_st: Tensor, map_ae: Tensor) -> Tensor:
-        """s_E: max of EfficientAD's combined normalised map, per image (maps B×1×S×S or B×S²)."""
-        return self.combined_map(map_st, map_ae).flatten(1).amax(dim=1)
-
-    def image_scores(self, efficientad_score: Tensor, distance: Tensor) -> Tensor:
-        mode = self.hparams.score_mode
-        if mode == "picturable":
-            return efficientad_score
-        if not self.scorer.is_fitted:
-            raise RuntimeError(f"PUAD score_mode={mode!r} needs the Gaussian, which is fitted in calibration "
-                               "(trainer.validate after training); this model has none.")
-        if mode == "unpicturable":
-            return distance
-        if not self.score_statistics_fitted:
-            raise RuntimeError("PUAD score_mode='combined' needs the validation score statistics, which are "
-                               "fitted in calibration (trainer.validate after training); this model has none.")
-        mean_e, std_e, mean_d, std_d = self.score_statistics
-        combined = (efficientad_score.double() - mean_e) / std_e + (distance.double() - mean_d) / std_d
-        return combined.float()
-
-    def predict(self, images: Tensor) -> DetectorOutput:
-        outputs = self.network_outputs(images)
-        anomaly_map = self.combined_map(outputs["map_st"], outputs["map_ae"])
-        efficientad_score = anomaly_map.flatten(1).amax(dim=1)
-        needs_distance = self.hparams.score_mode != "picturable"
-        distance = self.scorer(self.global_features(outputs)) if needs_distance else efficientad_score
-        return DetectorOutput(anomaly_map=anomaly_map, image_score=self.image_scores(efficientad_score, distance))
+    def build_model(self, model_size: str, image_size: int) -> PUADModel:
+        return PUADModel(model_size, image_size, **self._puad_settings)
 
     # ------------------------------------------------------------------ calibration
     def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        outputs = self.network_outputs(batch["image"][batch["label"] == 0])
+        outputs = self.model.raw_maps(batch["image"][batch["label"] == 0])
         return {"map_st": outputs["map_st"].flatten(1), "map_ae": outputs["map_ae"].flatten(1),
-                "feature": self.global_features(outputs)}
+                "feature": self.model.global_features(outputs)}
 
-    def fit_calibration(self, collected: dict[str, Tensor]) -> None:
+    def fit_calibration(self, collected: dict[str, Tensor], training_batches) -> None:
         """Map quantiles, then the Gaussian on the TRAIN images (§6.2), then validation z-statistics (§6.4)."""
-        super().fit_calibration(collected)
+        super().fit_calibration(collected, training_batches)
+        model = self.model
         train_features = self.collect(
-            self.trainer.datamodule.statistics_dataloader(),
-            lambda batch: {"feature": self.global_features(self.network_outputs(batch["image"]))},
+            training_batches, lambda batch: {"feature": model.global_features(model.raw_maps(batch["image"]))},
         )["feature"]
-        self.scorer.fit(train_features)
-        self.gaussian_fit_images.fill_(train_features.shape[0])
+        model.fit_score_statistics(train_features, (collected["map_st"], collected["map_ae"]), collected["feature"])
 
-        efficientad_score = self.efficientad_scores(collected["map_st"], collected["map_ae"]).double()
-        distance = self.scorer(collected["feature"].to(self.device)).double()
-        statistics = torch.stack([efficientad_score.mean(), efficientad_score.std(correction=0),
-                                  distance.mean(), distance.std(correction=0)])
-        self.score_statistics.copy_(statistics.to(self.score_statistics.device))
-
-    def is_calibrated(self) -> bool:
-        return super().is_calibrated() and self.scorer.is_fitted and self.score_statistics_fitted
+    def fit_threshold(self, validation_batches) -> None:
+        """A decision threshold for every score mode (one pass): the same model can be evaluated in each."""
+        def scores(batch):
+            normal = batch["label"] == 0
+            anomaly_map, by_mode = self.model.scores_of_every_mode(batch["image"][normal])
+            maps = anomaly_map.float().flatten(1)
+            return {**{f"score_{mode}": value.float() for mode, value in by_mode.items()},
+                    "max": maps.amax(dim=1), "median": maps.median(dim=1).values}
+        values = require_finite_scores(self.collect(validation_batches, scores))
+        by_mode = {mode: values[f"score_{mode}"] for mode in SCORE_MODES}
+        self.model.fit_mode_thresholds(by_mode, values["max"], values["median"], self.threshold_fpr)
 
     def run_info(self) -> dict[str, Any]:
-        mean_e, std_e, mean_d, std_d = self.score_statistics.tolist()
-        return {**super().run_info(), "feature_source": self.hparams.feature_source,
-                "score_mode": self.hparams.score_mode, "gaussian_fitted": self.scorer.is_fitted,
-                "gaussian_fit_images": int(self.gaussian_fit_images),
-                "score_statistics_fitted": self.score_statistics_fitted,
+        model = self.model
+        mean_e, std_e, mean_d, std_d = model.score_statistics.tolist()
+        return {**super().run_info(), "feature_source": model.feature_source,
+                "score_mode": model.score_mode, "gaussian_fitted": model.scorer.is_fitted,
+                "gaussian_fit_images": int(model.gaussian_fit_images),
+                "score_statistics_fitted": model.score_statistics_fitted,
                 "score_statistics": {"efficientad": {"mean": mean_e, "std": std_e},
                                      "mahalanobis": {"mean": mean_d, "std": std_d}}}

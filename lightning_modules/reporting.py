@@ -43,7 +43,7 @@ MEAN_GROUP = "mean"
 ALL_SUBSET = "all"
 # "all" first, then the MVTec LOCO subsets; any other subset name follows alphabetically.
 SUBSET_ORDER = (ALL_SUBSET, "logical", "structural")
-SCORE_COLUMNS = ("path", "category", "defect_type", "anomaly_kind", "label", "score")
+SCORE_COLUMNS = ("path", "category", "defect_type", "anomaly_kind", "label", "score", "predicted_label")
 HEATMAP_COLORMAP = cv2.COLORMAP_JET  # anomalib's choice; its top colour is dark red
 MASK_CONTOUR_RGB = (255, 0, 0)
 MISSING_VALUE_TEXT = "–"
@@ -244,16 +244,18 @@ def write_scores_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Non
                 str(row["anomaly_kind"]),
                 int(row["label"]),
                 repr(float(row["score"])),
+                int(row["predicted_label"]),
             ]
         )
     _atomic_write_text(Path(path), "".join(lines))
 
 
 def read_scores_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a scores.csv with `label` as int and `score` as float (exact)."""
+    """Rows of a scores.csv with `label` and `predicted_label` as int and `score` as float (exact)."""
     with open(path, encoding="utf-8", newline="") as stream:
         return [
-            {**row, "label": int(row["label"]), "score": float(row["score"])}
+            {**row, "label": int(row["label"]), "score": float(row["score"]),
+             "predicted_label": int(row["predicted_label"])}
             for row in csv.DictReader(stream)
         ]
 
@@ -485,6 +487,7 @@ def log_results_to_wandb(
                 str(row["anomaly_kind"]),
                 int(row["label"]),
                 _table_cell(float(row["score"])),
+                int(row["predicted_label"]),
             ]
             for row in ordered_scores
         ],

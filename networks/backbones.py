@@ -17,7 +17,8 @@ import logging
 import os
 import socket
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -40,6 +41,30 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 DOWNLOAD_PROBE_TIMEOUT_S = 3.0
 
 Pretrained = bool | str
+
+RESTORED_FROM_CHECKPOINT = "restored from checkpoint"
+_weights_restored_later = False
+
+
+@contextmanager
+def weights_restored_later() -> Iterator[None]:
+    """Inside this block pretrained weights are not looked up: a checkpoint will overwrite every weight.
+
+    Rebuilding a trained detector to load its checkpoint (evaluation, prediction, export) must not
+    need the weights file, cache, package or network it was trained with; the benchmark builds
+    detectors the same way (random weights, same shapes, same speed). Like transformers'
+    ``init_empty_weights``, a module-level switch, so no detector needs a table of arguments to override.
+    """
+    global _weights_restored_later
+    previous, _weights_restored_later = _weights_restored_later, True
+    try:
+        yield
+    finally:
+        _weights_restored_later = previous
+
+
+def weights_are_restored_later() -> bool:
+    return _weights_restored_later
 
 
 class ChannelNormalize(nn.Module):
@@ -238,6 +263,8 @@ def resolve_pretrained_weights(
     """
     if not (isinstance(pretrained, bool) or pretrained == "auto"):
         raise ValueError(f"pretrained must be True, False or 'auto', got {pretrained!r}")
+    if _weights_restored_later:
+        return None, RESTORED_FROM_CHECKPOINT
     if pretrained is False:
         if weights_file is not None:
             raise ValueError(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.anomaly_model import AnomalyModel, AnomalyOutput
 from networks.backbones import (
     FeatureExtractor,
     ImageNetNormalize,
@@ -24,9 +25,11 @@ from networks.backbones import (
     load_weights_file,
     unwrap_state_dict,
 )
+from networks.statistics import exact_quantile
 
 __all__ = [
     "EfficientADAutoencoder",
+    "EfficientADModel",
     "PatchDescriptionNetwork",
     "WideResNetDistillationTarget",
     "load_teacher_state_dict",
@@ -291,3 +294,104 @@ class WideResNetDistillationTarget(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         layer2, layer3 = self.feature_extractor(images)
         return fuse_features(layer2, layer3, self.out_channels)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole detector
+# --------------------------------------------------------------------------------------------
+
+TEACHER_CHANNELS = 384
+
+
+def normalize_map(anomaly_map: torch.Tensor, q_low: torch.Tensor, q_high: torch.Tensor) -> torch.Tensor:
+    """0.1 · (M − q_low) / (q_high − q_low): q_low → 0, q_high → 0.1 (spec §5)."""
+    return 0.1 * (anomaly_map - q_low) / (q_high - q_low)
+
+
+class EfficientADModel(AnomalyModel):
+    """EfficientAD-S/M's whole inference path: teacher, student, autoencoder, maps, normalisation, score.
+
+    Fitted buffers: ``teacher_mean`` / ``teacher_std`` (teacher channel statistics over the training
+    images, spec §2.3; std 0 = not fitted), ``map_quantiles`` ((q_low, q_high) of the student–teacher
+    then the autoencoder map on held-out normal images, spec §5 [P]) and the decision threshold.
+    Maps: no 4 px padding; each 56×56 map is bilinearly upsampled to the image size, then
+    normalised. Image score: the maximum of the combined map.
+    """
+
+    def __init__(self, model_size: str = "small", image_size: int = 256) -> None:
+        super().__init__(image_size)
+        self.model_size = model_size
+        self.teacher = PatchDescriptionNetwork(model_size, TEACHER_CHANNELS, padding=False)
+        self.teacher.requires_grad_(False)
+        self.student = PatchDescriptionNetwork(model_size, 2 * TEACHER_CHANNELS, padding=False)
+        self.autoencoder = EfficientADAutoencoder(TEACHER_CHANNELS, image_size, padding=False)
+        self.register_buffer("teacher_mean", torch.zeros(1, TEACHER_CHANNELS, 1, 1))
+        self.register_buffer("teacher_std", torch.zeros(1, TEACHER_CHANNELS, 1, 1))
+        self.register_buffer("map_quantiles", torch.zeros(4))
+        self.teacher.eval()
+
+    def train(self, mode: bool = True) -> EfficientADModel:
+        """The teacher stays in eval mode: it is frozen."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @property
+    def teacher_statistics_fitted(self) -> bool:
+        return bool((self.teacher_std > 0).all())
+
+    @property
+    def map_quantiles_fitted(self) -> bool:
+        return bool(self.map_quantiles.abs().sum() > 0)
+
+    def statistics_fitted(self) -> bool:
+        return self.teacher_statistics_fitted and self.map_quantiles_fitted
+
+    def describe_input(self) -> dict:
+        return {**super().describe_input(), "normalisation_inside": "ImageNet mean/std"}
+
+    def check_size(self, images: torch.Tensor) -> None:
+        expected = self.image_size
+        if not torch.jit.is_tracing() and tuple(images.shape[-2:]) != (expected, expected):
+            raise ValueError(
+                f"EfficientAD was built for {expected}×{expected} images (the autoencoder's output size "
+                f"depends on it) but got {tuple(images.shape[-2:])}; set data.image_size (the model takes it from there)."
+            )
+
+    @torch.no_grad()
+    def set_teacher_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.teacher_mean.copy_(mean.float().view_as(self.teacher_mean))
+        self.teacher_std.copy_(std.float().clamp_min(torch.finfo(torch.float32).tiny).view_as(self.teacher_std))
+
+    def normalized_teacher(self, images: torch.Tensor) -> torch.Tensor:
+        """(T − μ)/σ in float32, no gradient."""
+        with torch.no_grad():
+            return (self.teacher(images).float() - self.teacher_mean) / self.teacher_std
+
+    def raw_maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw student–teacher and autoencoder maps (B×1×S×S, upsampled, float32) plus the feature maps."""
+        self.check_size(images)
+        teacher = self.normalized_teacher(images)
+        student = self.student(images).float()
+        autoencoder = self.autoencoder(images).float()
+        map_st = ((teacher - student[:, :TEACHER_CHANNELS]) ** 2).mean(dim=1, keepdim=True)
+        map_ae = ((autoencoder - student[:, TEACHER_CHANNELS:]) ** 2).mean(dim=1, keepdim=True)
+        maps = F.interpolate(torch.cat([map_st, map_ae], dim=1), size=images.shape[-2:], mode="bilinear",
+                             align_corners=False)
+        return {"map_st": maps[:, :1], "map_ae": maps[:, 1:], "teacher": teacher, "student": student}
+
+    def combined_map(self, map_st: torch.Tensor, map_ae: torch.Tensor) -> torch.Tensor:
+        """0.5 · normalised ST map + 0.5 · normalised AE map."""
+        q = self.map_quantiles
+        return 0.5 * normalize_map(map_st, q[0], q[1]) + 0.5 * normalize_map(map_ae, q[2], q[3])
+
+    @torch.no_grad()
+    def set_map_quantiles(self, map_st: torch.Tensor, map_ae: torch.Tensor, q_low: float, q_high: float) -> None:
+        """Quantiles of the validation images' upsampled maps, pooled over all pixels (spec §5 [P])."""
+        fitted = [exact_quantile(values, level) for values in (map_st, map_ae) for level in (q_low, q_high)]
+        self.map_quantiles.copy_(torch.stack(fitted).to(self.map_quantiles.device))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        outputs = self.raw_maps(images)
+        anomaly_map = self.combined_map(outputs["map_st"], outputs["map_ae"])
+        return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(-3, -2, -1)))

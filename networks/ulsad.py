@@ -2,7 +2,8 @@
 
 Shapes for a 256×256 input (C = 384): pretrained features F 384×32×32, feature reconstruction
 network output R 768×32×32 (R_loc | R_glb), global autoencoder output A 384×32×32.
-Losses, maps and fitted statistics live in the Lightning module; this file is pure torch.
+``ULSADModel`` holds the networks, every fitted statistic and the map post-processing; the losses
+live in the Lightning module. This file is pure torch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import einops
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
+from networks.anomaly_model import AnomalyModel, AnomalyOutput
 from networks.backbones import FeatureExtractor, ImageNetNormalize, Pretrained, fuse_features
+from networks.statistics import subsampled_quantiles
 
 __all__ = [
     "FeatureReconstructionNetwork",
     "GlobalAutoencoder",
-    "ULSADNetwork",
+    "ULSADModel",
     "attention_pool",
     "feature_distance",
     "fuse_features",
@@ -163,13 +167,21 @@ class GlobalAutoencoder(nn.Module):
         return self.deconv8(self.deconv7(x))
 
 
-class ULSADNetwork(nn.Module):
-    """Frozen feature extractor + feature reconstruction network + global autoencoder.
+class ULSADModel(AnomalyModel):
+    """ULSAD's whole inference path: frozen features, the two branches, their maps, normalisation and fusion.
 
-    `feature_mean` / `feature_std` (1×C×1×1 float32 buffers) standardise the fused backbone
-    features per channel; all zeros means "not fitted yet". The Lightning module fits them on
-    the training set before training (spec §1) with `set_feature_statistics`.
+    Fitted buffers: ``feature_mean`` / ``feature_std`` (1×C×1×1, standardise the fused backbone
+    features per channel, fitted on the training images before training, spec §1; zeros = not
+    fitted), ``map_quantiles`` ((q_low, q_high) of the local then the global map on held-out normal
+    images, spec §5) and the decision threshold of ``AnomalyModel``.
+
+    Map settings (Table 3 switches, also recorded with the quantiles): ``alpha_local`` / ``beta_global``
+    are the cosine weights of the local and global distances; ``use_tie_loss=False`` makes the global
+    map the attention-consistency distance with weight ``attention_cosine_weight`` (spec §7).
     """
+
+    FITTED_SETTINGS = ("alpha_local", "beta_global", "attention_cosine_weight", "use_tie_loss",
+                       "map_blur_sigma", "combine_weights")
 
     def __init__(
         self,
@@ -181,15 +193,23 @@ class ULSADNetwork(nn.Module):
         feature_channels: int = 384,
         frn_final_relu: bool = True,
         frn_hidden_scale: float = 1.0,
+        alpha_local: float = 0.5,
+        beta_global: float = 0.5,
+        attention_cosine_weight: float = 0.5,
+        use_tie_loss: bool = True,
+        map_blur_sigma: float = 4.0,
+        combine_weights: Sequence[float] = (0.5, 0.5),
     ) -> None:
-        super().__init__()
+        super().__init__(image_size)
         if len(layers) != 2:
             raise ValueError(
                 f"ULSAD fuses exactly two backbone layers (a shallow and a deep one), got {list(layers)}."
             )
         _check_image_size(image_size)
-        self.image_size = image_size
         self.feature_channels = feature_channels
+        self.alpha_local, self.beta_global = alpha_local, beta_global
+        self.attention_cosine_weight, self.use_tie_loss = attention_cosine_weight, use_tie_loss
+        self.map_blur_sigma, self.combine_weights = map_blur_sigma, tuple(combine_weights)
         self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
         if self.feature_extractor.reductions[0] != 8:
             raise ValueError(
@@ -210,15 +230,27 @@ class ULSADNetwork(nn.Module):
         self.autoencoder = GlobalAutoencoder(feature_channels, image_size)
         self.register_buffer("feature_mean", torch.zeros(1, feature_channels, 1, 1))
         self.register_buffer("feature_std", torch.zeros(1, feature_channels, 1, 1))
+        self.register_buffer("constant_feature_channels", torch.zeros((), dtype=torch.long))
+        self.register_buffer("map_quantiles", torch.zeros(4))
 
     @property
     def weights_source(self) -> str:
         return self.feature_extractor.weights_source
 
     @property
-    def statistics_fitted(self) -> bool:
+    def feature_statistics_fitted(self) -> bool:
         return bool(self.feature_std.abs().sum() > 0)
 
+    def statistics_fitted(self) -> bool:
+        return self.feature_statistics_fitted and bool(self.map_quantiles.abs().sum() > 0)
+
+    def describe_input(self) -> dict:
+        extractor = self.feature_extractor
+        return {**super().describe_input(), "normalisation_inside": {
+            "backbone": {"mean": list(extractor.input_mean), "std": list(extractor.input_std)},
+            "autoencoder": "ImageNet mean/std"}}
+
+    # ------------------------------------------------------------------ features
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """F_raw: the fused backbone features, B×C×(S/8)², float32, no gradient."""
@@ -227,42 +259,80 @@ class ULSADNetwork(nn.Module):
 
     @torch.no_grad()
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Store per-channel mean/std (any shape with C elements); std must be positive (no epsilon, as in the code)."""
-        mean, std = mean.reshape(self.feature_mean.shape), std.reshape(self.feature_std.shape)
-        bad = (
-            (~(std > 0) | ~torch.isfinite(std) | ~torch.isfinite(mean)).flatten().nonzero().flatten().tolist()
-        )
+        """Store per-channel mean/std (any shape with C elements).
+
+        The reference divides without an epsilon. A channel that is constant over the training set (a
+        dead ReLU, common with random weights) would divide by zero; it carries no information, so it
+        is standardised with std 1 (it becomes 0), counted in ``constant_feature_channels``, and every
+        other channel is untouched.
+        """
+        mean, std = mean.reshape(self.feature_mean.shape).float(), std.reshape(self.feature_std.shape).float()
+        bad = (~torch.isfinite(std) | ~torch.isfinite(mean)).flatten().nonzero().flatten().tolist()
         if bad:
-            raise ValueError(
-                f"Feature statistics are zero or not finite for channels {bad[:16]}; cannot standardise."
-            )
+            raise ValueError(f"Feature statistics are not finite for channels {bad[:16]}; cannot standardise.")
+        constant = std <= 1e-12
+        self.constant_feature_channels.fill_(int(constant.sum()))
         self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
+        self.feature_std.copy_(torch.where(constant, torch.ones_like(std), std))
 
     def standardize(self, features_raw: torch.Tensor) -> torch.Tensor:
-        if not self.statistics_fitted:
-            raise RuntimeError("ULSAD feature mean/std are not fitted; call set_feature_statistics first.")
         return (features_raw.float() - self.feature_mean) / self.feature_std
 
-    def forward(
-        self, images: torch.Tensor, features_raw: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
+    def branch_outputs(self, images: torch.Tensor, features_raw: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run all three networks. Pass `features_raw` (from `extract_features`) to reuse cached backbone features.
 
         Returns features F (standardised target), local R_loc, global_support R_glb and
         autoencoder A, each B×C×(S/8)².
         """
-        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+        if not torch.jit.is_tracing() and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
-                f"ULSADNetwork was built for {self.image_size}px images, got {tuple(images.shape[-2:])}."
+                f"ULSAD was built for {self.image_size}px images, got {tuple(images.shape[-2:])}."
             )
         if features_raw is None:
             features_raw = self.extract_features(images)
         features = self.standardize(features_raw)
         local, global_support = self.frn(features).split(self.feature_channels, dim=1)
-        return {
-            "features": features,
-            "local": local,
-            "global_support": global_support,
-            "autoencoder": self.autoencoder(images),
-        }
+        return {"features": features, "local": local, "global_support": global_support,
+                "autoencoder": self.autoencoder(images)}
+
+    # ------------------------------------------------------------------ maps
+    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local and global maps (B×1×S×S), upsampled to the input size and blurred, before normalisation."""
+        outputs = self.branch_outputs(images)
+        features, autoencoder = outputs["features"], outputs["autoencoder"]
+        local_map = feature_distance(features, outputs["local"], self.alpha_local)
+        if self.use_tie_loss:
+            global_map = feature_distance(autoencoder, outputs["global_support"], self.beta_global)
+        else:
+            global_map = feature_distance(attention_pool(features, features), attention_pool(autoencoder, features),
+                                          self.attention_cosine_weight)
+        # Post-processing in float32: under bf16 autocast the blur's convolution would round the maps
+        # to 8 mantissa bits, which creates ties between images and distorts the quantiles.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            maps = torch.stack([local_map, global_map], dim=1).float()  # B×2×h×w
+            maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            return self._blur(maps[:, :1]), self._blur(maps[:, 1:])
+
+    def _blur(self, maps: torch.Tensor) -> torch.Tensor:
+        sigma = self.map_blur_sigma
+        if sigma <= 0:
+            return maps
+        kernel = 2 * int(4 * sigma + 0.5) + 1
+        return gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
+
+    @torch.no_grad()
+    def set_map_quantiles(self, local_values: torch.Tensor, global_values: torch.Tensor,
+                          q_low: float, q_high: float) -> None:
+        """(q_low, q_high) quantiles of each branch's maps on held-out normal images (spec §5)."""
+        fitted = [subsampled_quantiles(values, [q_low, q_high]) for values in (local_values, global_values)]
+        self.map_quantiles.copy_(torch.cat(fitted).to(self.map_quantiles.device))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        """0.1·(M − q_low)/(q_high − q_low) per branch (linear, so it commutes with the blur, spec §5.7), fused."""
+        local_map, global_map = self.raw_maps(images)
+        q = self.map_quantiles
+        local_map = 0.1 * (local_map - q[0]) / (q[1] - q[0])
+        global_map = 0.1 * (global_map - q[2]) / (q[3] - q[2])
+        w_local, w_global = self.combine_weights
+        anomaly_map = w_local * local_map + w_global * global_map
+        return AnomalyOutput(anomaly_map, anomaly_map.amax(dim=(-3, -2, -1)))

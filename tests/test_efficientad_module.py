@@ -13,15 +13,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.efficientad import (
-    TEACHER_CHANNELS,
-    EfficientAD,
-    PenaltyImages,
-    exact_quantile,
-    hard_feature_loss,
-    normalize_map,
-)
-from networks.efficientad import PatchDescriptionNetwork
+from lightning_modules.efficientad import EfficientAD, PenaltyImages, hard_feature_loss
+from networks.backbones import weights_restored_later
+from networks.efficientad import TEACHER_CHANNELS, PatchDescriptionNetwork, normalize_map
+from networks.statistics import exact_quantile
 
 SIZE = 128  # the smallest size the autoencoder supports; PDN maps are 24×24
 
@@ -62,13 +57,13 @@ def test_hard_feature_loss_is_the_mean_of_the_top_entries():
 def test_quantile_normalisation_maps_qa_to_zero_and_qb_to_a_tenth(module):
     q_low, q_high = torch.tensor(2.0), torch.tensor(6.0)
     assert normalize_map(torch.tensor([2.0, 6.0, 4.0]), q_low, q_high).tolist() == pytest.approx([0.0, 0.1, 0.05])
-    module.map_quantiles.copy_(torch.tensor([1.0, 3.0, 0.5, 0.7]))
+    module.model.map_quantiles.copy_(torch.tensor([1.0, 3.0, 0.5, 0.7]))
     try:
         st = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
         ae = torch.tensor([0.5, 0.7]).view(2, 1, 1, 1)
-        assert module.combined_map(st, ae).flatten().tolist() == pytest.approx([0.0, 0.1])
+        assert module.model.combined_map(st, ae).flatten().tolist() == pytest.approx([0.0, 0.1])
     finally:
-        module.map_quantiles.zero_()
+        module.model.map_quantiles.zero_()
 
 
 # ------------------------------------------------------------------------------------ fitted statistics
@@ -76,15 +71,15 @@ def test_teacher_statistics_are_population_mean_and_std_over_images_and_position
     torch.manual_seed(0)
     detector = EfficientAD(teacher_pretrained=False, image_size=SIZE)
     batches = [{"image": torch.rand(3, 3, SIZE, SIZE)}, {"image": torch.rand(2, 3, SIZE, SIZE)}]
-    detector.fit_pre_training_statistics(batches)
+    detector.fit_training_statistics(batches)
     with torch.no_grad():
-        outputs = torch.cat([detector.teacher(b["image"]) for b in batches]).double()
+        outputs = torch.cat([detector.model.teacher(b["image"]) for b in batches]).double()
     expected_mean = outputs.mean(dim=(0, 2, 3))
     expected_std = outputs.permute(1, 0, 2, 3).reshape(TEACHER_CHANNELS, -1).std(dim=1, correction=0)
-    assert torch.allclose(detector.teacher_mean.flatten().double(), expected_mean, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(detector.teacher_std.flatten().double(), expected_std, rtol=1e-5, atol=1e-6)
-    assert detector.teacher_statistics_fitted
-    normalized = detector.normalized_teacher(batches[0]["image"]).double()
+    assert torch.allclose(detector.model.teacher_mean.flatten().double(), expected_mean, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(detector.model.teacher_std.flatten().double(), expected_std, rtol=1e-5, atol=1e-6)
+    assert detector.model.teacher_statistics_fitted
+    normalized = detector.model.normalized_teacher(batches[0]["image"]).double()
     assert torch.allclose(normalized, (outputs[:3] - expected_mean.view(1, -1, 1, 1)) / expected_std.view(1, -1, 1, 1),
                           atol=1e-4)
 
@@ -93,50 +88,59 @@ def test_map_quantiles_come_from_the_pooled_validation_maps(module):
     generator = torch.Generator().manual_seed(0)
     collected = {"map_st": torch.rand(5, 400, generator=generator) * 3,
                  "map_ae": torch.rand(5, 400, generator=generator)}
-    module.fit_calibration(collected)
+    module.fit_calibration(collected, training_batches=[])
     try:
         expected = [np.quantile(collected[name].numpy().ravel(), level)
                     for name in ("map_st", "map_ae") for level in (0.9, 0.995)]
-        assert module.map_quantiles.tolist() == pytest.approx(expected, rel=1e-6)
+        assert module.model.map_quantiles.tolist() == pytest.approx(expected, rel=1e-6)
         assert module.run_info()["map_quantiles"]["autoencoder"] == pytest.approx(expected[2:], rel=1e-6)
     finally:
-        module.map_quantiles.zero_()
+        module.model.map_quantiles.zero_()
 
 
-def test_predict_returns_the_max_of_the_combined_full_size_map(module):
+def test_model_forward_returns_the_max_of_the_combined_full_size_map(module):
+    """With identity statistics (μ 0, σ 1) and quantiles (0, 10) the normalised maps equal the raw ones."""
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    model = module.model
+    model.set_teacher_statistics(torch.zeros(TEACHER_CHANNELS), torch.ones(TEACHER_CHANNELS))
+    model.map_quantiles.copy_(torch.tensor([0.0, 10.0, 0.0, 10.0]))  # 0.1·(M − 0)/10 = M/100
     module.eval()
-    with torch.no_grad():
-        output = module.predict(images)
-        teacher = module.teacher(images)
-        student = module.student(images)
-        autoencoder = module.autoencoder(images)
+    try:
+        with torch.no_grad():
+            output = model(images)
+            teacher = model.teacher(images)
+            student = model.student(images)
+            autoencoder = model.autoencoder(images)
+    finally:
+        model.map_quantiles.zero_()
+        model.teacher_std.zero_()
     assert output.anomaly_map.shape == (2, 1, SIZE, SIZE)
     st = ((teacher - student[:, :TEACHER_CHANNELS]) ** 2).mean(1, keepdim=True)
     ae = ((autoencoder - student[:, TEACHER_CHANNELS:]) ** 2).mean(1, keepdim=True)
-    expected = torch.nn.functional.interpolate(0.5 * st + 0.5 * ae, size=SIZE, mode="bilinear")
-    assert torch.allclose(output.anomaly_map, expected, rtol=1e-4, atol=1e-6)
+    expected = torch.nn.functional.interpolate(0.5 * st + 0.5 * ae, size=SIZE, mode="bilinear") / 100
+    assert torch.allclose(output.anomaly_map, expected, rtol=1e-4, atol=1e-8)
     assert torch.allclose(output.image_score, expected.amax(dim=(1, 2, 3)))
 
 
 def test_wrong_image_size_is_a_clear_error(module):
     with pytest.raises(ValueError, match="image_size"):
-        module.predict(torch.rand(1, 3, 256, 256))
+        module.model(torch.rand(1, 3, 256, 256))
 
 
 # ------------------------------------------------------------------------------------ losses
 def test_loss_terms_train_student_and_autoencoder_but_never_the_teacher(module):
     module.train()
-    assert not module.teacher.training and module.student.training and module.autoencoder.training
+    model = module.model
+    assert not model.teacher.training and model.student.training and model.autoencoder.training
     module.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         terms = module.loss_terms(torch.rand(2, 3, SIZE, SIZE))
     assert set(terms) == {"loss_hard", "loss_ae", "loss_stae"}
     assert all(value.dtype == torch.float32 and torch.isfinite(value) for value in terms.values())
     sum(terms.values()).backward()
-    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
-    assert all(p.grad is not None for p in module.student.parameters())
-    assert all(p.grad is not None for p in module.autoencoder.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+    assert all(p.grad is not None for p in model.autoencoder.parameters())
     module.zero_grad()
 
 
@@ -159,7 +163,7 @@ def test_penalty_is_off_without_a_folder_and_adds_the_student_output_energy_with
         without = penalized.loss_terms(images)
         torch.manual_seed(1)
         with_penalty = penalized.loss_terms(images, penalty)
-        expected = (penalized.student(penalty)[:, :TEACHER_CHANNELS] ** 2).mean()
+        expected = (penalized.model.student(penalty)[:, :TEACHER_CHANNELS] ** 2).mean()
     assert "loss_penalty" not in without
     assert float(with_penalty["loss_penalty"]) == pytest.approx(float(expected), rel=1e-4)
     for name in without:
@@ -199,9 +203,18 @@ def test_teacher_weights_file_is_loaded_and_named_in_run_info(tmp_path):
     detector = EfficientAD(teacher_weights=str(path), teacher_pretrained=True, image_size=SIZE)
     assert str(path.resolve()) in detector.run_info()["weights_source"]
     for name, value in source.state_dict().items():
-        assert torch.equal(detector.teacher.state_dict()[name], value)
-    assert EfficientAD.checkpoint_init_overrides == {"teacher_pretrained": False, "teacher_weights": None,
-                                                     "penalty_dir": None, "require_penalty": False}
+        assert torch.equal(detector.model.teacher.state_dict()[name], value)
+
+
+def test_rebuilding_for_a_checkpoint_looks_up_no_teacher_and_opens_no_penalty_folder(tmp_path):
+    """evaluate.py, prediction, export and the benchmark rebuild a detector whose weights the checkpoint holds:
+    neither the teacher file nor the penalty folder it was trained with needs to exist on this machine."""
+    with weights_restored_later():
+        detector = EfficientAD(teacher_pretrained=True, teacher_weights=str(tmp_path / "gone.pth"),
+                               penalty_dir=str(tmp_path / "gone"), require_penalty=True, image_size=SIZE)
+    assert detector.weights_source == "restored from checkpoint" and detector.penalty_images is None
+    with pytest.raises(FileNotFoundError, match="gone.pth"):  # outside the block, the file is needed again
+        EfficientAD(teacher_pretrained=True, teacher_weights=str(tmp_path / "gone.pth"), image_size=SIZE)
 
 
 # ------------------------------------------------------------------------------------ configs

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,77 @@ def test_evaluate_in_a_fresh_process_reproduces_train_metrics(trained_run, tmp_p
     assert max(abs(train_scores[p] - eval_scores[p]) for p in train_scores) <= 1e-6
 
 
+def test_final_checkpoint_is_for_use_and_last_checkpoint_for_resuming(trained_run):
+    """final.ckpt: weights, fitted statistics and threshold, no optimiser state; last.ckpt keeps it to resume."""
+    checkpoints = trained_run["run_dir"] / "checkpoints"
+    final = torch.load(checkpoints / "final.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in final and "lr_schedulers" not in final
+    assert last["optimizer_states"] and last["lr_schedulers"]
+    assert final["detector_class"] == "lightning_modules.ulsad.ULSAD"
+    assert (checkpoints / "final.ckpt").stat().st_size < 0.6 * (checkpoints / "last.ckpt").stat().st_size
+
+
+def test_the_decision_threshold_is_fitted_on_validation_images_and_labels_the_test_images(trained_run):
+    metrics = json.loads((trained_run["run_dir"] / "metrics.json").read_text())
+    threshold = metrics["run"]["decision_threshold"]
+    assert threshold["fitted_on"] == "validation normal images" and threshold["target_false_positive_rate"] == 0.05
+    checkpoint = torch.load(trained_run["checkpoint"], map_location="cpu", weights_only=False)
+    assert threshold["image_threshold"] == pytest.approx(float(checkpoint["state_dict"]["model.image_threshold"]))
+    rows = read_scores_csv(trained_run["run_dir"] / "scores.csv")
+    assert [row["predicted_label"] for row in rows] == [int(row["score"] > threshold["image_threshold"]) for row in rows]
+    # precision and recall on the test set, recomputed from scores.csv
+    flagged = [row for row in rows if row["predicted_label"]]
+    anomalous = [row for row in rows if row["label"]]
+    hits = sum(row["label"] for row in flagged)
+    assert threshold["image"]["recall"] == pytest.approx(hits / len(anomalous))
+    assert threshold["image"]["precision"] == (pytest.approx(hits / len(flagged)) if flagged else None)
+    assert 0 <= threshold["pixel"]["recall"] <= 1
+
+
+def test_predict_scores_a_folder_of_mixed_new_images(trained_run, embedded_root, tmp_path):
+    """PNG and JPEG, grey and colour, nested folders, no labels: one row per image, labels from the stored threshold."""
+    import cv2
+    import numpy as np
+
+    sources = sorted((embedded_root / "woven_tiles" / "test").rglob("*.png"))[::7][:8]
+    folder = tmp_path / "new"
+    expected = []
+    for index, source in enumerate(sources):
+        image = cv2.imread(str(source))
+        grey = index % 2 == 1
+        if grey:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        target = folder / ("nested" if index >= 4 else "") / f"image_{index}.{'jpg' if index % 3 == 0 else 'png'}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), image)
+        expected.append(target)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "predictions"
+    run_script("evaluate.py", "--checkpoint", str(trained_run["checkpoint"]), "--images", str(folder),
+               "--output_dir", str(out), "--save-maps", "--batch-size", "3")
+    import csv
+
+    with open(out / "predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert sorted(row["path"] for row in rows) == sorted(str(path) for path in expected)
+    checkpoint = torch.load(trained_run["checkpoint"], map_location="cpu", weights_only=False)
+    threshold = float(checkpoint["state_dict"]["model.image_threshold"])
+    for row in rows:
+        score, normalized = float(row["score"]), float(row["normalized_score"])
+        assert int(row["predicted_label"]) == int(score > threshold)
+        assert 0.0 <= normalized <= 1.0 and (normalized > 0.5) == (score > threshold)
+        relative = Path(row["path"]).relative_to(folder).with_suffix("")
+        png = cv2.imread(str(out / "maps" / relative.with_suffix(".png")))
+        assert png.shape[:2] == cv2.imread(row["path"]).shape[:2]  # the map over the image, at its own size
+        raw = np.load(out / "raw_maps" / relative.with_suffix(".npy"))
+        assert raw.shape == (128, 128) and float(raw.max()) == pytest.approx(score, rel=1e-5)
+    # The same image scored through the test path and through prediction gets the same score.
+    test_scores = {row["path"]: row["score"] for row in read_scores_csv(trained_run["run_dir"] / "scores.csv")}
+    first = next(row for row in rows if row["path"].endswith("image_2.png"))
+    assert float(first["score"]) == pytest.approx(test_scores[str(sources[2])], rel=1e-5, abs=1e-6)
+
+
 def test_evaluation_on_two_ddp_processes_equals_one(trained_run, tmp_path):
     run_script("evaluate.py", "--checkpoint", str(trained_run["checkpoint"]), "--output_dir", str(tmp_path),
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp")
@@ -86,8 +158,9 @@ def test_ddp_training_with_bf16_runs_and_reports(embedded_root, tmp_path):
     assert metrics["run"]["test_images"] == 40
     assert not (tmp_path / "ddp_v2").exists()  # both ranks wrote into one run folder
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["state_dict"]["network.feature_std"].abs().sum() > 0
-    assert checkpoint["state_dict"]["map_quantiles"].abs().sum() > 0
+    assert checkpoint["state_dict"]["model.feature_std"].abs().sum() > 0
+    assert checkpoint["state_dict"]["model.map_quantiles"].abs().sum() > 0
+    assert torch.isfinite(checkpoint["state_dict"]["model.image_threshold"])
 
 
 def test_resume_after_a_crash_continues_from_the_last_checkpoint(embedded_root, tmp_path):

@@ -70,7 +70,7 @@ def test_non_finite_maps_never_become_metrics(embedded_root, tmp_path):
     """A checkpoint whose weights hold a NaN: evaluation refuses, naming the images, and writes no metrics."""
     results = train(tiny_ulsad_args(embedded_root, tmp_path / "runs"))
     checkpoint = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)
-    weight = next(key for key in checkpoint["state_dict"] if key.startswith("network.frn.") and key.endswith("weight"))
+    weight = next(key for key in checkpoint["state_dict"] if key.startswith("model.frn.") and key.endswith("weight"))
     checkpoint["state_dict"][weight][0].fill_(float("nan"))
     broken = tmp_path / "broken.ckpt"
     torch.save(checkpoint, broken)
@@ -137,7 +137,7 @@ def test_one_image_size_key_sets_both_model_and_data(tmp_path, monkeypatch):
                            "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=false",
                            f"--run.output_root={tmp_path}", "--wandb.mode=disabled"])
     assert cli.model.hparams.image_size == cli.datamodule.image_size == 256
-    assert cli.model.network.image_size == 256
+    assert cli.model.model.image_size == 256
 
 
 def test_a_truncated_checkpoint_is_named_and_evaluation_leaves_no_empty_folders(embedded_root, tmp_path):

@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_modules.puad import PUAD
 from lightning_modules.reporting import read_scores_csv
+from networks.anomaly_model import FittedSettingsMismatch
 from networks.puad import MahalanobisScorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,58 +72,58 @@ def test_mahalanobis_scorer_rejects_bad_shapes():
 def fitted_puad() -> PUAD:
     torch.manual_seed(0)
     detector = PUAD(teacher_pretrained=False, image_size=SIZE)
-    detector.fit_pre_training_statistics([{"image": torch.rand(2, 3, SIZE, SIZE)}])
-    detector.map_quantiles.copy_(torch.tensor([2.0, 3.0, 0.01, 0.02]))
+    model = detector.model
+    detector.fit_training_statistics([{"image": torch.rand(2, 3, SIZE, SIZE)}])
+    model.map_quantiles.copy_(torch.tensor([2.0, 3.0, 0.01, 0.02]))
     with torch.no_grad():
-        train_features = detector.student(torch.rand(16, 3, SIZE, SIZE))[:, :384].float().mean(dim=(2, 3))
-    detector.scorer.fit(train_features)
-    detector.score_statistics.copy_(torch.tensor([0.05, 0.02, 20.0, 4.0], dtype=torch.float64))
+        train_features = model.student(torch.rand(16, 3, SIZE, SIZE))[:, :384].float().mean(dim=(2, 3))
+    model.scorer.fit(train_features)
+    model.score_statistics.copy_(torch.tensor([0.05, 0.02, 20.0, 4.0], dtype=torch.float64))
     return detector.eval()
 
 
 @pytest.mark.parametrize("feature_source", ["student", "teacher"])
 def test_each_score_mode_gives_its_documented_score(fitted_puad, feature_source):
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
-    detector = fitted_puad
-    detector.hparams.feature_source = feature_source
+    model = fitted_puad.model
+    model.feature_source = feature_source
     with torch.no_grad():
-        teacher = (detector.teacher(images) - detector.teacher_mean) / detector.teacher_std
-        student = detector.student(images)
-        autoencoder = detector.autoencoder(images)
+        teacher = (model.teacher(images) - model.teacher_mean) / model.teacher_std
+        student = model.student(images)
+        autoencoder = model.autoencoder(images)
         st = ((teacher - student[:, :384]) ** 2).mean(1, keepdim=True)
         ae = ((autoencoder - student[:, 384:]) ** 2).mean(1, keepdim=True)
         st, ae = (F.interpolate(m, size=SIZE, mode="bilinear") for m in (st, ae))
         combined_map = 0.5 * 0.1 * (st - 2.0) / (3.0 - 2.0) + 0.5 * 0.1 * (ae - 0.01) / (0.02 - 0.01)
         efficientad_score = combined_map.amax(dim=(1, 2, 3))
         pooled = (student[:, :384] if feature_source == "student" else teacher).mean(dim=(2, 3))
-        distance = detector.scorer(pooled)
+        distance = model.scorer(pooled)
         expected = {
             "picturable": efficientad_score,
             "unpicturable": distance,
             "combined": (efficientad_score - 0.05) / 0.02 + (distance - 20.0) / 4.0,
         }
         try:
+            _, every_mode = model.scores_of_every_mode(images)
             for mode, score in expected.items():
-                detector.hparams.score_mode = mode
-                output = detector.predict(images)
+                model.score_mode = mode
+                output = model(images)
                 assert torch.allclose(output.anomaly_map, combined_map, rtol=1e-4, atol=1e-5), mode
                 assert torch.allclose(output.image_score, score.float(), rtol=1e-4, atol=1e-4), mode
+                assert torch.allclose(every_mode[mode], score.float(), rtol=1e-4, atol=1e-4), mode
         finally:
-            detector.hparams.score_mode = "combined"
-            detector.hparams.feature_source = "student"
+            model.score_mode = "combined"
+            model.feature_source = "student"
     assert not torch.allclose(expected["picturable"], expected["unpicturable"])
 
 
-def test_unfitted_puad_refuses_the_scores_that_need_calibration():
+def test_unfitted_puad_is_not_calibrated_and_testing_refuses_it():
+    from lightning_modules.base import NotCalibrated
+
     detector = PUAD(teacher_pretrained=False, image_size=SIZE).eval()
-    images = torch.rand(1, 3, SIZE, SIZE)
-    with torch.no_grad():
-        for mode in ("combined", "unpicturable"):
-            detector.hparams.score_mode = mode
-            with pytest.raises(RuntimeError, match="calibration"):
-                detector.predict(images)
-        detector.hparams.score_mode = "picturable"
-        assert detector.predict(images).image_score.shape == (1,)
+    assert not detector.model.statistics_fitted() and not detector.is_calibrated()
+    with pytest.raises(NotCalibrated, match="never calibrated"):
+        detector.on_test_epoch_start()
     with pytest.raises(ValueError, match="score_mode"):
         PUAD(teacher_pretrained=False, image_size=SIZE, score_mode="both")
     with pytest.raises(ValueError, match="feature_source"):
@@ -181,14 +182,28 @@ def test_train_then_evaluate_reproduces_every_metric_and_each_score_branch(tmp_p
     train_scores = _scores(run_dir / "scores.csv")
     assert np.abs(train_scores - _scores(tmp_path / "combined" / "scores.csv")).max() <= 1e-6
 
-    branches = {}
+    branches, thresholds = {}, {}
     for mode in ("picturable", "unpicturable"):
         evaluate(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / mode),
                   f"--model.init_args.score_mode={mode}", "--trainer.enable_progress_bar=false"])
         branches[mode] = _scores(tmp_path / mode / "scores.csv")
-        assert json.loads((tmp_path / mode / "metrics.json").read_text())["run"]["score_mode"] == mode
+        run = json.loads((tmp_path / mode / "metrics.json").read_text())["run"]
+        assert run["score_mode"] == mode
+        # Each mode has its own decision threshold (fitted on the validation images), and the labels use it.
+        threshold = run["decision_threshold"]["image_threshold"]
+        thresholds[mode] = threshold
+        rows = read_scores_csv(tmp_path / mode / "scores.csv")
+        assert [row["predicted_label"] for row in rows] == [int(row["score"] > threshold) for row in rows]
+    thresholds["combined"] = info["decision_threshold"]["image_threshold"]
+    assert len(set(thresholds.values())) == 3
     statistics = info["score_statistics"]
     z_efficientad = (branches["picturable"] - statistics["efficientad"]["mean"]) / statistics["efficientad"]["std"]
     z_mahalanobis = (branches["unpicturable"] - statistics["mahalanobis"]["mean"]) / statistics["mahalanobis"]["std"]
     np.testing.assert_allclose(z_efficientad + z_mahalanobis, train_scores, rtol=1e-5, atol=1e-5)
     assert not np.allclose(branches["picturable"], branches["unpicturable"])
+
+    # The Gaussian was fitted on student features: reading it with teacher features is refused, not silently
+    # scored (it used to give distances ~10x larger).
+    with pytest.raises(FittedSettingsMismatch, match=r"feature_source='student' in the checkpoint but 'teacher' now"):
+        evaluate(["--checkpoint", checkpoint, "--output_dir", str(tmp_path / "teacher"),
+                  "--model.init_args.feature_source=teacher", "--trainer.enable_progress_bar=false"])

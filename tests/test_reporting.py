@@ -149,6 +149,7 @@ def test_scores_csv_reads_back_with_exact_floats(tmp_path):
             "anomaly_kind": "good" if kind == "good" else "logical",
             "label": int(kind != "good"),
             "score": float(rng.normal()) * 1e3,
+            "predicted_label": i % 2,
             "extra": "ignored",
         }
         for cat in ("pushpins", "breakfast_box")
@@ -161,12 +162,13 @@ def test_scores_csv_reads_back_with_exact_floats(tmp_path):
 
     with open(path, newline="") as stream:
         header = next(csv.reader(stream))
-    assert header == ["path", "category", "defect_type", "anomaly_kind", "label", "score"]
+    assert header == ["path", "category", "defect_type", "anomaly_kind", "label", "score", "predicted_label"]
     read = read_scores_csv(path)
     expected = sorted(rows, key=lambda row: (row["category"], row["path"]))
     assert [row["path"] for row in read] == [row["path"] for row in expected]
     assert [row["score"] for row in read] == [float(row["score"]) for row in expected]  # exact
     assert [row["label"] for row in read] == [row["label"] for row in expected]
+    assert [row["predicted_label"] for row in read] == [row["predicted_label"] for row in expected]
     assert [row["anomaly_kind"] for row in read] == [row["anomaly_kind"] for row in expected]
 
 
@@ -357,6 +359,7 @@ def test_wandb_offline_run_contains_tables_and_masked_maps(tmp_path, monkeypatch
             "anomaly_kind": "good",
             "label": 0,
             "score": 0.25,
+            "predicted_label": 0,
         },
         {
             "path": "/d/pushpins/test/logical_anomalies/005.png",
@@ -365,6 +368,7 @@ def test_wandb_offline_run_contains_tables_and_masked_maps(tmp_path, monkeypatch
             "anomaly_kind": "logical",
             "label": 1,
             "score": NAN,
+            "predicted_label": 1,
         },
     ]
     samples = [make_sample(), make_sample(category="juice_bottle", stem="001")]
@@ -386,8 +390,9 @@ def test_wandb_offline_run_contains_tables_and_masked_maps(tmp_path, monkeypatch
     assert per_category["data"][0] == ["breakfast_box", "all", 0.6, 0.4, 0.25]
     assert per_category["data"][-1][:2] == ["mean", "structural"] and per_category["data"][-1][-1] is None
     scores = json.loads(next(media.glob("table/test/scores*.table.json")).read_text())
-    assert scores["columns"] == ["path", "category", "defect_type", "anomaly_kind", "label", "score"]
-    assert [row[-1] for row in scores["data"]] == [0.25, None]
+    assert scores["columns"] == ["path", "category", "defect_type", "anomaly_kind", "label", "score",
+                                 "predicted_label"]
+    assert [row[-2:] for row in scores["data"]] == [[0.25, 0], [None, 1]]
     assert len(list(media.glob("images/test/maps/pushpins*.png"))) == 1
     assert len(list(media.glob("images/test/maps/juice_bottle*.png"))) == 1
     mask_file = next(media.glob("images/mask/test/maps/pushpins*.png"))

@@ -19,7 +19,7 @@ def make_detector(**overrides) -> ULSAD:
             "cache_features": False}
     args.update(overrides)
     detector = ULSAD(**args)
-    detector.network.set_feature_statistics(torch.zeros(384), torch.ones(384))
+    detector.model.set_feature_statistics(torch.zeros(384), torch.ones(384))
     return detector
 
 
@@ -37,24 +37,26 @@ def plain_distance(x, y, weight):
 def loss_inputs(detector: ULSAD, images: torch.Tensor):
     detector.train()
     torch.manual_seed(5)
-    features = detector.network.standardize(detector.network.extract_features(images))
+    features = detector.model.standardize(detector.model.extract_features(images))
     return features
 
 
-def test_predict_map_shape_at_256_px():
+def test_model_forward_gives_map_at_256_px_and_its_maximum_as_score():
     detector = make_detector(image_size=256)
+    detector.model.map_quantiles.copy_(torch.tensor([0.0, 1.0, 0.0, 2.0]))
     detector.eval()
     with torch.no_grad():
-        output = detector.predict(torch.rand(2, 3, 256, 256))
+        output = detector.model(torch.rand(2, 3, 256, 256))
     assert output.anomaly_map.shape == (2, 1, 256, 256)
-    assert output.image_score is None  # the base takes the max of the map, as the reference does
     assert torch.isfinite(output.anomaly_map).all()
+    # the image score is the max of the map, as the reference does
+    assert torch.equal(output.image_score, output.anomaly_map.amax(dim=(1, 2, 3)))
 
 
 def test_local_cosine_weight_alpha_changes_local_loss_as_defined(images):
     with_cosine, without_cosine = make_detector(alpha_local=0.5), make_detector(alpha_local=0.0)
     features = loss_inputs(with_cosine, images)
-    local, _ = with_cosine.network.frn(features).split(384, dim=1)
+    local, _ = with_cosine.model.frn(features).split(384, dim=1)
     terms_with = with_cosine.loss_terms(features, images)
     without_cosine.load_state_dict(with_cosine.state_dict())
     terms_without = without_cosine.loss_terms(features, images)
@@ -68,8 +70,8 @@ def test_beta_weights_tie_loss_and_by_default_also_the_attention_cosine(images):
     features = loss_inputs(detector, images)
     terms = detector.loss_terms(features, images)
     with torch.no_grad():
-        _, global_support = detector.network.frn(features).split(384, dim=1)
-        autoencoder = detector.network.autoencoder(images)
+        _, global_support = detector.model.frn(features).split(384, dim=1)
+        autoencoder = detector.model.autoencoder(images)
         target = attention_pool(features, features)
         attended = attention_pool(autoencoder, features)
     assert terms["loss_tie"].item() == pytest.approx(
@@ -95,7 +97,7 @@ def test_feature_distance_variant_replaces_attention_loss(images):
     features = loss_inputs(detector, images)
     terms = detector.loss_terms(features, images)
     with torch.no_grad():
-        autoencoder = detector.network.autoencoder(images)
+        autoencoder = detector.model.autoencoder(images)
     assert terms["loss_global"].item() == pytest.approx(plain_distance(features, autoencoder, 0.5).mean().item(),
                                                         rel=1e-4)
 
@@ -106,18 +108,18 @@ def test_tie_loss_off_drops_the_term_and_uses_attention_map(images):
     assert set(detector.loss_terms(features, images)) == {"loss_local", "loss_global"}
     detector.eval()
     with torch.no_grad():
-        _, global_map = detector.raw_maps(images)
+        _, global_map = detector.model.raw_maps(images)
         with_tie = make_detector()
         with_tie.load_state_dict(detector.state_dict())
         with_tie.eval()
-        _, tie_map = with_tie.raw_maps(images)
+        _, tie_map = with_tie.model.raw_maps(images)
     assert not torch.allclose(global_map, tie_map)
 
 
 def test_each_loss_term_is_finite_and_decreases_over_a_few_steps(images):
     detector = make_detector()
     features = loss_inputs(detector, images)
-    optimizer = torch.optim.Adam([p for p in detector.network.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in detector.model.parameters() if p.requires_grad], lr=1e-3)
     history = []
     for _ in range(12):
         terms = detector.loss_terms(features, images)
@@ -135,23 +137,25 @@ def test_calibration_maps_quantiles_to_zero_and_point_one(images):
     detector = make_detector()
     detector.eval()
     with torch.no_grad():
-        local_map, global_map = detector.raw_maps(images)
-    detector.fit_calibration({"local": local_map.flatten(1), "global": global_map.flatten(1)})
-    q = detector.map_quantiles
+        local_map, global_map = detector.model.raw_maps(images)
+    detector.fit_calibration({"local": local_map.flatten(1), "global": global_map.flatten(1)}, training_batches=[])
+    q = detector.model.map_quantiles
     assert torch.allclose(q[0], torch.quantile(local_map.flatten(), 0.9))
     assert torch.allclose(q[3], torch.quantile(global_map.flatten(), 0.995))
-    normalized_local, normalized_global = detector._normalize(local_map, global_map)
-    assert torch.quantile(normalized_local.flatten(), 0.9).item() == pytest.approx(0.0, abs=1e-5)
-    assert torch.quantile(normalized_global.flatten(), 0.995).item() == pytest.approx(0.1, abs=1e-5)
+    # The model's map is 0.5·(0.1·(L − q0)/(q1 − q0)) + 0.5·(0.1·(G − q2)/(q3 − q2)), written out here.
+    with torch.no_grad():
+        fused = detector.model(images).anomaly_map
+    expected = 0.5 * 0.1 * (local_map - q[0]) / (q[1] - q[0]) + 0.5 * 0.1 * (global_map - q[2]) / (q[3] - q[2])
+    assert torch.allclose(fused, expected, atol=1e-6)
 
 
 def test_fitted_statistics_are_in_the_state_dict():
     detector = make_detector()
-    detector.map_quantiles.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    detector.model.map_quantiles.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     state = detector.state_dict()
-    assert torch.equal(state["map_quantiles"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    assert torch.equal(state["network.feature_std"].flatten(), torch.ones(384))
+    assert torch.equal(state["model.map_quantiles"], torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(state["model.feature_std"].flatten(), torch.ones(384))
     fresh = make_detector()
-    fresh.network.feature_std.zero_()
+    fresh.model.feature_std.zero_()
     fresh.load_state_dict(state)
-    assert fresh.network.statistics_fitted and torch.equal(fresh.map_quantiles, detector.map_quantiles)
+    assert fresh.model.feature_statistics_fitted and torch.equal(fresh.model.map_quantiles, detector.model.map_quantiles)

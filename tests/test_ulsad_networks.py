@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from networks.ulsad import (
     FeatureReconstructionNetwork,
     GlobalAutoencoder,
-    ULSADNetwork,
+    ULSADModel,
     attention_pool,
     feature_distance,
     fuse_features,
@@ -161,9 +161,9 @@ def test_global_autoencoder_layout_at_256():
 
 
 @pytest.fixture(scope="module")
-def small_network() -> ULSADNetwork:
+def small_network() -> ULSADModel:
     torch.manual_seed(5)
-    network = ULSADNetwork(
+    network = ULSADModel(
         "resnet18", ["layer2", "layer3"], pretrained=False, image_size=128, frn_hidden_scale=0.125
     )
     network.set_feature_statistics(torch.full((384,), 0.5), torch.full((384,), 2.0))
@@ -171,15 +171,19 @@ def small_network() -> ULSADNetwork:
 
 
 def test_network_needs_fitted_statistics_and_standardises_with_them():
-    network = ULSADNetwork("resnet18", pretrained=False, image_size=128, feature_channels=96)
+    network = ULSADModel("resnet18", pretrained=False, image_size=128, feature_channels=96)
     images = torch.rand(2, 3, 128, 128)
-    assert not network.statistics_fitted and network.weights_source == "random (pretrained=False)"
-    with pytest.raises(RuntimeError, match="not fitted"):
-        network(images)
+    assert not network.feature_statistics_fitted and network.weights_source == "random (pretrained=False)"
+    assert not network.is_calibrated()  # callers (testing, prediction, export) refuse it
     with pytest.raises(ValueError, match=r"channels \[7\]"):
         std = torch.ones(96)
-        std[7] = 0
+        std[7] = float("nan")
         network.set_feature_statistics(torch.zeros(96), std)
+    # A channel constant over the training set (std 0) is standardised with std 1 and counted.
+    std = torch.ones(96)
+    std[3] = 0
+    network.set_feature_statistics(torch.zeros(96), std)
+    assert int(network.constant_feature_channels) == 1 and float(network.feature_std[0, 3]) == 1.0
     mean, std = torch.randn(96), torch.rand(96) + 0.5
     network.set_feature_statistics(mean, std)
     raw = network.extract_features(images)
@@ -192,9 +196,9 @@ def test_network_needs_fitted_statistics_and_standardises_with_them():
 
 
 def test_network_shapes_at_256():
-    network = ULSADNetwork("resnet18", pretrained=False, image_size=256, frn_hidden_scale=0.125).eval()
+    network = ULSADModel("resnet18", pretrained=False, image_size=256, frn_hidden_scale=0.125).eval()
     network.set_feature_statistics(torch.zeros(384), torch.ones(384))
-    outputs = network(torch.rand(1, 3, 256, 256))
+    outputs = network.branch_outputs(torch.rand(1, 3, 256, 256))
     assert outputs["features"].shape == (1, 384, 32, 32)
     assert outputs["local"].shape == outputs["global_support"].shape == (1, 384, 32, 32)  # R = 768×32×32
     assert outputs["autoencoder"].shape == (1, 384, 32, 32)
@@ -203,7 +207,7 @@ def test_network_shapes_at_256():
 def test_network_at_128_trains_only_frn_and_autoencoder(small_network):
     small_network.train()
     assert not small_network.feature_extractor.training
-    outputs = small_network(torch.rand(2, 3, 128, 128))
+    outputs = small_network.branch_outputs(torch.rand(2, 3, 128, 128))
     assert {key: tuple(value.shape) for key, value in outputs.items()} == {
         "features": (2, 384, 16, 16),
         "local": (2, 384, 16, 16),
@@ -218,8 +222,8 @@ def test_network_at_128_trains_only_frn_and_autoencoder(small_network):
 def test_cached_features_give_the_same_outputs(small_network):
     small_network.eval()
     images = torch.rand(2, 3, 128, 128)
-    direct = small_network(images)
-    cached = small_network(images, features_raw=small_network.extract_features(images))
+    direct = small_network.branch_outputs(images)
+    cached = small_network.branch_outputs(images, features_raw=small_network.extract_features(images))
     for key in direct:
         torch.testing.assert_close(direct[key], cached[key])
 
@@ -228,7 +232,7 @@ def test_network_runs_under_bf16_autocast(small_network):
     small_network.train()
     images = torch.rand(2, 3, 128, 128)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        outputs = small_network(images)
+        outputs = small_network.branch_outputs(images)
         loss = feature_distance(outputs["features"], outputs["local"], 0.5).mean()
         loss = (
             loss
@@ -246,15 +250,17 @@ def test_network_runs_under_bf16_autocast(small_network):
 def test_network_rejects_wrong_image_size_and_layer_stride(small_network):
     with pytest.raises(ValueError, match="128px"):
         small_network(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="128px"):
+        small_network.branch_outputs(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="stride 8"):
-        ULSADNetwork(
+        ULSADModel(
             "resnet18", ["layer3", "layer4"], pretrained=False, image_size=128, frn_hidden_scale=0.125
         )
 
 
 def test_feature_channels_can_average_but_not_invent_channels():
     with pytest.raises(ValueError, match=r"feature_channels=400 exceeds the 384 channels .*\(128 \+ 256\).*at most 384"):
-        ULSADNetwork("resnet18", pretrained=False, image_size=128, feature_channels=400)
-    network = ULSADNetwork("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pretrained=False, image_size=128,
+        ULSADModel("resnet18", pretrained=False, image_size=128, feature_channels=400)
+    network = ULSADModel("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pretrained=False, image_size=128,
                            feature_channels=152, frn_hidden_scale=0.25)
     assert network.extract_features(torch.rand(1, 3, 128, 128)).shape == (1, 152, 16, 16)
