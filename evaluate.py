@@ -34,7 +34,7 @@ def _predict(known: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     detector = load_detector(known.checkpoint, map_location=known.device)
     output_dir = known.output_dir or run_dir / "predictions"
     summary = predict_folder(detector, known.images, output_dir, batch_size=known.batch_size,
-                             save_maps=known.save_maps, num_workers=known.num_workers)
+                             save_maps=known.save_maps, num_workers=known.num_workers, precision=known.precision)
     Console().print(f"{summary.images} images scored, {summary.anomalous} above the decision threshold "
                     f"({float(detector.model.image_threshold):.6g}); wrote {summary.csv_path}"
                     + (f"; skipped {len(summary.skipped)} unreadable files" if summary.skipped else ""))
@@ -52,6 +52,9 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8, help="--images: images per forward pass")
     parser.add_argument("--num-workers", type=int, default=0, help="--images: image-decoding worker processes")
     parser.add_argument("--device", default="cpu", help="--images: cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default=None,
+                        help="--images: 32-true | bf16-mixed | ...; default: the precision the checkpoint was "
+                             "calibrated under, so scores match its threshold")
     known, overrides = parser.parse_known_args(args)
     if not known.checkpoint.is_file():
         raise SystemExit(f"evaluate.py: checkpoint {known.checkpoint} does not exist")

@@ -44,7 +44,8 @@ class InferenceGraph(nn.Module):
         return anomaly_map, image_score
 
 
-def export_model(model: AnomalyModel, output: str | Path, export_format: str, example_batch: int = 2) -> Path:
+def export_model(model: AnomalyModel, output: str | Path, export_format: str, example_batch: int = 2,
+                 calibration_precision: str = "32-true") -> Path:
     """Write ``model`` (calibrated; fp32 weights) as ONNX or TorchScript for the CPU, plus the JSON beside it."""
     if export_format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {export_format!r}")
@@ -78,7 +79,8 @@ def export_model(model: AnomalyModel, output: str | Path, export_format: str, ex
             check = torch.rand(example_batch + 1, 3, model.image_size, model.image_size)
             torch.testing.assert_close(traced(check), graph(check), rtol=1e-4, atol=1e-5)
             traced.save(str(output))
-    description_path(output).write_text(json.dumps(inference_description(model, export_format), indent=2) + "\n")
+    description = inference_description(model, export_format, calibration_precision)
+    description_path(output).write_text(json.dumps(description, indent=2) + "\n")
     return output
 
 
@@ -87,8 +89,10 @@ def description_path(output: Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def inference_description(model: AnomalyModel, export_format: str) -> dict[str, Any]:
+def inference_description(model: AnomalyModel, export_format: str, calibration_precision: str) -> dict[str, Any]:
     return {
+        "computes_in": "float32",
+        "calibrated_under_precision": calibration_precision,
         "format": export_format, "model": type(model).__name__, "input": model.describe_input(),
         "outputs": {"anomaly_map": "N×1×S×S float32, larger = more anomalous",
                     "image_score": "N float32, larger = more anomalous"},
@@ -113,7 +117,8 @@ def main(args: list[str] | None = None) -> Path:
     detector = load_detector(known.checkpoint)
     run_dir = known.checkpoint.resolve().parent.parent
     output = known.output or run_dir / "export" / f"model{FORMATS[known.format]}"
-    written = export_model(detector.model, output, known.format)
+    written = export_model(detector.model, output, known.format,
+                           calibration_precision=detector.calibration_precision)
     print(f"wrote {written} and {description_path(written)}")
     return written
 

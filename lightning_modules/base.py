@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -136,6 +136,9 @@ class AnomalyDetector(LightningModule, ABC):
     """Base LightningModule of every detector: the shared training and evaluation path (see module docstring)."""
 
     model: AnomalyModel  # set by the subclass: the whole inference path and every fitted statistic
+    #: Trainer settings this detector needs unless the config sets them, e.g. {"max_epochs": 1} for a
+    #: statistic-only detector (a memory bank): one pass over the training images, no optimiser.
+    trainer_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, threshold_fpr: float = 0.05, max_maps_per_category: int = 6) -> None:
         super().__init__()
@@ -403,6 +406,8 @@ class AnomalyDetector(LightningModule, ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["weights_source"] = self.weights_source
         checkpoint["detector_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # The precision the statistics and threshold were fitted under, so prediction can score the same way.
+        checkpoint["precision"] = str(self.trainer.precision) if self._trainer is not None else "32-true"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.weights_source = checkpoint.get("weights_source", self.weights_source)

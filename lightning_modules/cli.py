@@ -8,6 +8,8 @@ credentials exist, plus a CSV log for people without W&B) and the checkpoint cal
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import netrc
 import os
 import re
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -148,6 +151,7 @@ class AnomalyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         self._one_image_size()
+        self._detector_trainer_defaults()
         run = self.config.run
         self.run_dir = resolve_run_dir(run.output_root, run.name or self.default_run_name(), run.resume, run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +189,15 @@ class AnomalyCLI(LightningCLI):
             return
         if not any(path.is_file() for path in self.run_dir.rglob("*")):
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _detector_trainer_defaults(self) -> None:
+        """Apply the detector's ``trainer_defaults`` to every trainer key the config leaves at Lightning's default."""
+        module_name, class_name = str(self.config.model.class_path).rsplit(".", 1)
+        detector = getattr(importlib.import_module(module_name), class_name)
+        lightning_defaults = inspect.signature(Trainer.__init__).parameters
+        for key, value in getattr(detector, "trainer_defaults", {}).items():
+            if self.config.trainer.get(key) == lightning_defaults[key].default:
+                self.config.trainer[key] = value
 
     def _one_image_size(self) -> None:
         """data.image_size is the one image-size key: the model takes it. A model image_size that says

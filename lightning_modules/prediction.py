@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import importlib
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,10 @@ PREDICTION_COLUMNS = ("path", "score", "normalized_score", "predicted_label")
 
 
 def load_detector(checkpoint_path: str | Path, map_location: str | torch.device = "cpu") -> AnomalyDetector:
-    """The trained detector of a checkpoint (final.ckpt or last.ckpt), in eval mode, ready to score."""
+    """The trained detector of a checkpoint (final.ckpt or last.ckpt), in eval mode, ready to score.
+
+    ``detector.calibration_precision`` is the Lightning precision it was calibrated under (e.g. "bf16-mixed").
+    """
     checkpoint = read_checkpoint(checkpoint_path)
     class_path = checkpoint.get("detector_class")
     if class_path is None:
@@ -44,7 +48,17 @@ def load_detector(checkpoint_path: str | Path, map_location: str | torch.device 
     detector_class = getattr(importlib.import_module(module_name), class_name)
     with weights_restored_later():
         detector = detector_class.load_from_checkpoint(checkpoint_path, map_location=map_location)
+    detector.calibration_precision = str(checkpoint.get("precision", "32-true"))
     return detector.eval()
+
+
+def autocast_for(precision: str, device: torch.device):
+    """What Lightning's precision setting does around a forward pass: autocast for the mixed ones."""
+    if precision.startswith("bf16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return nullcontext()
 
 
 class ImageFolder(Dataset):
@@ -79,8 +93,11 @@ class PredictionSummary:
 
 @torch.inference_mode()
 def predict_folder(detector: AnomalyDetector, folder: str | Path, output_dir: str | Path, batch_size: int = 8,
-                   save_maps: bool = False, num_workers: int = 0) -> PredictionSummary:
+                   save_maps: bool = False, num_workers: int = 0, precision: str | None = None) -> PredictionSummary:
     """Score every image under ``folder``; write predictions.csv, maps/*.png and (``save_maps``) raw_maps/*.npy.
+
+    ``precision`` (default: the one the checkpoint was calibrated under, so scores match its threshold and
+    its test scores) is a Lightning precision string: "32-true", "bf16-mixed", ...
 
     The PNG is the map on the threshold scale (``AnomalyModel.normalized_map``: mid-colour = the pixel
     threshold) over the image, at the image's own size; the .npy is the raw map at the model's input size.
@@ -97,6 +114,7 @@ def predict_folder(detector: AnomalyDetector, folder: str | Path, output_dir: st
     if not len(dataset):
         raise FileNotFoundError(f"No images under {folder} (searched recursively for .png/.jpg/.jpeg/.bmp/.tif).")
     device = next(model.parameters()).device
+    precision = precision or getattr(detector, "calibration_precision", "32-true")
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path = output_dir / "predictions.csv"
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -112,7 +130,8 @@ def predict_folder(detector: AnomalyDetector, folder: str | Path, output_dir: st
                     logger.warning("skipped: %s", error)
             if not readable:
                 continue
-            output = model(batch["image"][readable].to(device))
+            with autocast_for(precision, device):
+                output = model(batch["image"][readable].to(device))
             scores = output.image_score.float()
             normalized, labels = model.normalized_score(scores), model.predicted_label(scores)
             maps = output.anomaly_map.float()[:, 0]

@@ -251,11 +251,14 @@ def write_scores_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Non
 
 
 def read_scores_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a scores.csv with `label` and `predicted_label` as int and `score` as float (exact)."""
+    """Rows of a scores.csv with `label` and `predicted_label` as int and `score` as float (exact).
+
+    Files written before the decision threshold existed have no `predicted_label`: it reads as None.
+    """
     with open(path, encoding="utf-8", newline="") as stream:
         return [
             {**row, "label": int(row["label"]), "score": float(row["score"]),
-             "predicted_label": int(row["predicted_label"])}
+             "predicted_label": int(row["predicted_label"]) if row.get("predicted_label") else None}
             for row in csv.DictReader(stream)
         ]
 
