@@ -18,7 +18,8 @@ forward + backward + optimizer step of ``training_step``.
 
 Compute: FLOPs per image of that forward (``torch.utils.flop_counter``, one fp32 pass; a multiply-add
 counts 2), and the fraction of this machine's peak they reach, with the peak measured in the same run
-by a large matmul in the same precision (``--peak-size``). When anomalib is installed, its
+by a large matmul in the same precision (``--peak-size``) at the start and at the end of the run (their
+mean; the machine's attainable FLOP/s drifts on a shared host). When anomalib is installed, its
 EfficientAD-S torch model is timed in the same run as a reference (``--anomalib``).
 
 Peak memory:
@@ -281,7 +282,7 @@ class Measurement:
     memory_increase_mib: float
     memory_measure: str
     gflop_per_image: float = float("nan")
-    peak_gflop_per_s: float = float("nan")
+    peak_gflop_per_s: float = float("nan")  # mean of the matmul peaks measured at the start and end of the run
     fraction_of_peak: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
@@ -312,7 +313,6 @@ def _optimizer_of(configured) -> torch.optim.Optimizer:
 
 def measure(
     config: str, args: argparse.Namespace, precision: str, extra_args: list[str], console: Console,
-    peaks: dict[str, float],
 ) -> Measurement:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as run_dir:
@@ -368,7 +368,6 @@ def measure(
     total = sum(seconds)
     images_per_s = args.batch_size * len(seconds) / total
     flops = count_flops_per_image(detector.model, image_size, device) if not args.train_step else float("nan")
-    peak = peaks.get(precision, float("nan"))
     result = Measurement(
         detector=type(detector).__name__,
         config=str(config),
@@ -388,15 +387,12 @@ def measure(
         memory_increase_mib=memory.increase_mib,
         memory_measure=memory.measure,
         gflop_per_image=flops / 1e9,
-        peak_gflop_per_s=peak / 1e9,
-        fraction_of_peak=flops * images_per_s / peak,
         notes=notes,
     )
     return result
 
 
-def measure_anomalib_efficientad(args: argparse.Namespace, precision: str, peaks: dict[str, float],
-                                 console: Console) -> Measurement | None:
+def measure_anomalib_efficientad(args: argparse.Namespace, precision: str, console: Console) -> Measurement | None:
     """anomalib's EfficientAD-S torch model timed exactly like ours (None when anomalib is not installed).
 
     Its forward in eval mode includes its own map post-processing (quantile normalisation, upsampling
@@ -437,8 +433,7 @@ def measure_anomalib_efficientad(args: argparse.Namespace, precision: str, peaks
         ms_per_image=1000 * total / (args.batch_size * len(seconds)),
         batch_ms_median=1000 * statistics.median(seconds), batch_ms_min=1000 * min(seconds),
         peak_memory_mib=memory.peak_mib, memory_increase_mib=memory.increase_mib, memory_measure=memory.measure,
-        gflop_per_image=flops / 1e9, peak_gflop_per_s=peaks[precision] / 1e9,
-        fraction_of_peak=flops * images_per_s / peaks[precision],
+        gflop_per_image=flops / 1e9,
     )
 
 
@@ -537,6 +532,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and machine facts here")
     parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the peak-FLOP/s matmul")
+    parser.add_argument("--pause", type=float, default=5.0, help="seconds of rest after the first peak measurement")
     parser.add_argument("--anomalib", choices=("auto", "off"), default="auto",
                         help="auto: also time anomalib's EfficientAD-S torch model when anomalib is installed")
     return parser.parse_known_args(argv)
@@ -586,10 +582,11 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         console.print("[red]--device cuda asked for, but torch sees no GPU[/red]")
         raise SystemExit(2)
     info = machine_info(device)
-    peaks = {precision: measure_matmul_peak(precision, device, args.peak_size) for precision in args.precision}
-    info["matmul_peak_gflop_per_s"] = {precision: peak / 1e9 for precision, peak in peaks.items()}
-    console.print("measured peak: " + ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in peaks.items())
-                  + f" ({args.peak_size}³ matmul)")
+    # The peak is measured at the start and at the end of the run, and every row is compared with their mean: on a
+    # shared machine the attainable FLOP/s drifts by tens of percent. Not between rows, and the start is followed
+    # by a pause: in A/B runs here, detectors timed right after seconds of full-load matmul looked 20-40% slower.
+    peak_samples = {precision: [measure_matmul_peak(precision, device, args.peak_size)] for precision in args.precision}
+    time.sleep(args.pause)
     rows: list[Measurement] = []
     skipped: dict[str, str] = {}
     for config in args.config:
@@ -602,12 +599,23 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
             )
             continue
         for precision in args.precision:
-            rows.append(measure(config, args, precision, extra_args, console, peaks))
+            rows.append(measure(config, args, precision, extra_args, console))
     if args.anomalib == "auto" and not args.train_step:
         for precision in args.precision:
-            row = measure_anomalib_efficientad(args, precision, peaks, console)
+            row = measure_anomalib_efficientad(args, precision, console)
             if row is not None:
                 rows.append(row)
+    for precision, samples in peak_samples.items():
+        samples.append(measure_matmul_peak(precision, device, args.peak_size))
+    for row in rows:
+        peak = statistics.mean(peak_samples[row.precision])
+        row.peak_gflop_per_s = peak / 1e9
+        row.fraction_of_peak = row.gflop_per_image * 1e9 * row.images_per_s / peak
+    info["matmul_peak_gflop_per_s"] = {precision: [value / 1e9 for value in values]
+                                       for precision, values in peak_samples.items()}
+    console.print("measured peak (GFLOP/s, at the start and at the end): " + "; ".join(
+        f"{p} " + ", ".join(f"{v / 1e9:.0f}" for v in values) for p, values in peak_samples.items())
+        + f" ({args.peak_size}³ matmul)")
     if hasattr(os, "getloadavg"):
         info["load_average_after"] = list(os.getloadavg())
     if rows:

@@ -49,7 +49,7 @@ def load_detector(checkpoint_path: str | Path, map_location: str | torch.device 
     with weights_restored_later():
         detector = detector_class.load_from_checkpoint(checkpoint_path, map_location=map_location)
     detector.calibration_precision = str(checkpoint.get("precision", "32-true"))
-    return detector.eval()
+    return detector.eval().requires_grad_(False)
 
 
 def autocast_for(precision: str, device: torch.device):
