@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.cli import run_command
-from lightning_modules.prediction import load_detector
-from lightning_modules.resume import CheckpointError
+from lightning_modules.prediction import load_detector, require_image_only_and_calibrated
 from networks.anomaly_model import AnomalyModel
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -49,12 +48,7 @@ def export_model(model: AnomalyModel, output: str | Path, export_format: str, ex
     """Write ``model`` (calibrated; fp32 weights) as ONNX or TorchScript for the CPU, plus the JSON beside it."""
     if export_format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {export_format!r}")
-    if not model.is_calibrated():
-        raise CheckpointError("The model has no fitted statistics or decision threshold (a checkpoint saved before "
-                              "calibration, e.g. last.ckpt): export final.ckpt.")
-    if model.input_fields:
-        raise ValueError(f"{type(model).__name__} needs {list(model.input_fields)} besides the image; "
-                         "its export is not supported yet.")
+    require_image_only_and_calibrated(model, "export")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # A copy on the CPU: the caller's model stays where it is, and float64 statistics (PUAD's Gaussian) stay float64.

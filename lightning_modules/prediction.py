@@ -27,6 +27,7 @@ from datamodules.validate import DatasetError
 from lightning_modules.base import AnomalyDetector
 from lightning_modules.reporting import heatmap_rgb
 from lightning_modules.resume import CheckpointError, read_checkpoint
+from networks.anomaly_model import AnomalyModel
 from networks.backbones import weights_restored_later
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,16 @@ def autocast_for(precision: str, device: torch.device):
     if precision.startswith("16"):
         return torch.autocast(device_type=device.type, dtype=torch.float16)
     return nullcontext()
+
+
+def require_image_only_and_calibrated(model: AnomalyModel, use: str) -> None:
+    """Prediction and export need a calibrated model that scores images alone."""
+    if not model.is_calibrated():
+        raise CheckpointError(f"This checkpoint's model has no fitted statistics or decision threshold (e.g. a "
+                              f"last.ckpt saved before calibration); {use} with final.ckpt.")
+    if model.input_fields:
+        raise ValueError(f"{type(model).__name__} needs {list(model.input_fields)} besides the image; "
+                         f"`{use}` on images alone is not supported for it yet.")
 
 
 class ImageFolder(Dataset):
@@ -104,12 +115,7 @@ def predict_folder(detector: AnomalyDetector, folder: str | Path, output_dir: st
     """
     folder, output_dir = Path(folder), Path(output_dir)
     model = detector.model
-    if not model.is_calibrated():
-        raise CheckpointError("This checkpoint's model has no fitted statistics or decision threshold (e.g. a "
-                              "last.ckpt saved before calibration); predict with final.ckpt.")
-    if model.input_fields:
-        raise ValueError(f"{type(model).__name__} needs {list(model.input_fields)} besides the image; "
-                         "predicting a plain folder is not supported for it.")
+    require_image_only_and_calibrated(model, "predict")
     dataset = ImageFolder(folder, model.image_size)
     if not len(dataset):
         raise FileNotFoundError(f"No images under {folder} (searched recursively for .png/.jpg/.jpeg/.bmp/.tif).")

@@ -165,3 +165,15 @@ def test_a_statistic_only_detector_needs_no_optimiser_and_runs_one_pass(embedded
     metrics = json.loads((results["run_dir"] / "metrics.json").read_text())
     assert metrics["mean"]["all"]["image_AUROC"] > 0.7  # measured 0.736 (structural 0.868)
     assert "max_epochs: 1" in (results["run_dir"] / "config.yaml").read_text()
+
+
+def test_an_uncalibrated_model_is_neither_exported_nor_used_to_predict(tmp_path):
+    from lightning_modules.prediction import predict_folder
+    from lightning_modules.resume import CheckpointError
+
+    detector = DETECTORS["EfficientAD"]()
+    with pytest.raises(CheckpointError, match="export with final.ckpt"):
+        export_model(detector.model, tmp_path / "model.onnx", "onnx")
+    with pytest.raises(CheckpointError, match="predict with final.ckpt"):
+        predict_folder(detector, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "model.onnx").exists()
