@@ -31,6 +31,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules import metrics as M
 from lightning_modules import reporting
+from lightning_modules.resume import CheckpointError
 from networks.anomaly_model import AnomalyModel
 
 KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
@@ -410,6 +411,12 @@ class AnomalyDetector(LightningModule, ABC):
         checkpoint["precision"] = str(self.trainer.precision) if self._trainer is not None else "32-true"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not any(key.startswith("model.") for key in checkpoint.get("state_dict", {})):
+            raise CheckpointError(
+                f"This {type(self).__name__} checkpoint was written before every detector kept its networks and fitted "
+                "statistics in one model (its weights are not under 'model.'), and it has no decision threshold: "
+                "train the model again with this version."
+            )
         self.weights_source = checkpoint.get("weights_source", self.weights_source)
 
 

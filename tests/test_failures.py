@@ -154,3 +154,17 @@ def test_a_truncated_checkpoint_is_named_and_evaluation_leaves_no_empty_folders(
     evaluate(["--checkpoint", str(final), "--output_dir", str(tmp_path / "evaluation"),
               "--trainer.enable_progress_bar=false"])
     assert sorted(path.name for path in (tmp_path / "evaluation").iterdir()) == ["maps", "metrics.json", "scores.csv"]
+
+
+def test_a_checkpoint_from_before_the_model_contract_is_named_not_a_key_error(tmp_path):
+    from lightning_modules.prediction import load_detector
+    from lightning_modules.resume import CheckpointError
+    from lightning_modules.ulsad import ULSAD
+
+    detector = ULSAD(backbone="resnet18", pretrained=False, image_size=128, frn_hidden_scale=0.125)
+    old_layout = {key.replace("model.", "network.", 1): value for key, value in detector.state_dict().items()}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": old_layout, "hyper_parameters": dict(detector.hparams),
+                "detector_class": "lightning_modules.ulsad.ULSAD", "pytorch-lightning_version": "2.6.6"}, path)
+    with pytest.raises(CheckpointError, match="written before every detector kept its networks"):
+        load_detector(path)
