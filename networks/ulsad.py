@@ -53,10 +53,11 @@ def attention_pool(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor
     """
     height, width = query.shape[-2:]
     with torch.autocast(device_type=query.device.type, enabled=False):
-        queries = einops.rearrange(query.float(), "b c h w -> b (h w) c")
-        keys = einops.rearrange(key_value.float(), "b c h w -> b (h w) c")
+        # One attention head made explicit (B×1×P×C): ONNX's attention translation takes 4-D inputs only.
+        queries = einops.rearrange(query.float(), "b c h w -> b 1 (h w) c")
+        keys = einops.rearrange(key_value.float(), "b c h w -> b 1 (h w) c")
         pooled = F.scaled_dot_product_attention(queries, keys, keys)  # default scale 1/√C
-    return einops.rearrange(pooled, "b (h w) c -> b c h w", h=height, w=width)
+    return einops.rearrange(pooled, "b 1 (h w) c -> b c h w", h=height, w=width)
 
 
 def _conv_block(conv: nn.Module, channels: int, relu: bool, **norm_kwargs) -> nn.Sequential:
