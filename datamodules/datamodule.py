@@ -21,6 +21,8 @@ from datamodules.validate import DatasetError, validate_records
 log = logging.getLogger(__name__)
 
 LOCO_LAYOUTS = ("mvtec_loco", "embedded")
+# Per-item fields a detector may ask the training loader for (AnomalyDetector.training_fields).
+TRAINING_FIELDS = ("prompt_image",)
 
 
 class ShardSampler(Sampler[int]):
@@ -146,6 +148,14 @@ class AnomalyDataModule(L.LightningDataModule):
         self.root_path = None
         self.defects_configs: dict[str, dict[int, tuple[float, bool]]] | None = None
         self._records: dict[str, list[SampleRecord]] | None = None
+        self.training_fields: tuple[str, ...] = ()
+
+    def request_training_fields(self, fields: tuple[str, ...]) -> None:
+        """What the detector needs in each training item besides image and synthesis (see TRAINING_FIELDS)."""
+        unknown = sorted(set(fields) - set(TRAINING_FIELDS))
+        if unknown:
+            raise ValueError(f"the data module cannot serve training fields {unknown}; it serves {list(TRAINING_FIELDS)}")
+        self.training_fields = tuple(fields)
 
     # ------------------------------------------------------------------ scanning
 
@@ -240,7 +250,8 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = AnomalyDataset(
-            self.records("train"), self.image_size, train=True, synthesis=self.synthesis_fn
+            self.records("train"), self.image_size, train=True, synthesis=self.synthesis_fn,
+            prompts="prompt_image" in self.training_fields,
         )
         rank, world = self._rank_and_world()
         if world > 1:

@@ -113,6 +113,9 @@ class AnomalyDataset(Dataset):
     which DataLoader seeds per worker and per epoch (and which keeps advancing in persistent
     workers), so each epoch sees new anomalies and a seeded run repeats them; when not `train`,
     seeded from the item index only, so an evaluation set of synthetic anomalies is fixed.
+    `prompts` (training only): adds `prompt_image`, an un-augmented image drawn uniformly from the
+    records of the same category (the item's own included, as OneNIP's code draws it), and its
+    `prompt_index`; drawn from the same per-item rng as the synthesis.
     `defects_configs` ({category: {pixel_value: (threshold, relative)}}, LOCO): adds `regions`
     KxSxS uint8 (one per mask file) and `region_saturation` K float (0 marks padding and regions
     that vanish at size S). K is the dataset's largest number of mask files (at least 1).
@@ -126,6 +129,7 @@ class AnomalyDataset(Dataset):
         synthesis: Synthesis | None = None,
         defects_configs: Mapping[str, DefectsConfig] | None = None,
         augment: Callable | None = None,
+        prompts: bool = False,
     ):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -136,6 +140,10 @@ class AnomalyDataset(Dataset):
         self.augment = augment
         self.defects_configs = dict(defects_configs) if defects_configs is not None else None
         self.max_regions = max([1] + [len(r.mask_paths) for r in self.records])
+        self.prompts = prompts
+        self.same_category: dict[str, list[int]] = {}
+        for position, record in enumerate(self.records):
+            self.same_category.setdefault(record.category, []).append(position)
         if self.defects_configs is not None:
             missing = sorted({r.category for r in self.records if r.mask_paths} - set(self.defects_configs))
             if missing:
@@ -216,8 +224,15 @@ class AnomalyDataset(Dataset):
             "defect_type": record.defect_type,
             "anomaly_kind": record.anomaly_kind,
         }
+        rng = self._synthesis_rng(index) if self.synthesis is not None or self.prompts else None
+        if self.prompts:
+            choices = self.same_category[record.category]
+            prompt_index = choices[int(rng.integers(len(choices)))]
+            prompt = resize_image(read_image(self.records[prompt_index].image_path), size, size)
+            item["prompt_image"] = torch.from_numpy(np.ascontiguousarray(prompt.transpose(2, 0, 1), np.float32))
+            item["prompt_index"] = torch.tensor(prompt_index, dtype=torch.long)
         if self.synthesis is not None:
-            synthetic, synthetic_mask = self.synthesis(image, self._synthesis_rng(index))
+            synthetic, synthetic_mask = self.synthesis(image, rng)
             item["synthetic_image"] = torch.from_numpy(
                 np.ascontiguousarray(synthetic.transpose(2, 0, 1), np.float32)
             )

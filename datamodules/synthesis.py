@@ -22,7 +22,7 @@ from datamodules.layouts import list_images
 
 log = logging.getLogger(__name__)
 
-SYNTHESIS_NAMES = ("none", "cutpaste", "cutpaste_scar", "cutpaste_3way", "perlin")
+SYNTHESIS_NAMES = ("none", "cutpaste", "cutpaste_scar", "cutpaste_3way", "perlin", "cutpaste_or_perlin")
 MAX_ATTEMPTS = 10  # redraws when an anomaly changed no pixel (e.g. a patch pasted onto its copy)
 
 
@@ -71,6 +71,7 @@ class CutPaste:
         scar_length: tuple[int, int] = (10, 25),
         scar_angle: float = 45.0,
         colour_jitter: float = 0.1,
+        hue_jitter: float | None = None,
     ):
         if mode not in ("normal", "scar", "3way"):
             raise ValueError(f"CutPaste mode must be normal, scar or 3way, got '{mode}'")
@@ -85,7 +86,7 @@ class CutPaste:
                 brightness=colour_jitter,
                 contrast=colour_jitter,
                 saturation=colour_jitter,
-                hue=colour_jitter,
+                hue=colour_jitter if hue_jitter is None else hue_jitter,
                 p=1.0,
             )
             if colour_jitter > 0
@@ -190,10 +191,11 @@ def perlin_noise(height: int, width: int, cells: tuple[int, int], rng: np.random
     return (math.sqrt(2.0) * (top * (1 - uy) + bottom * uy)).astype(np.float32)
 
 
-def _random_cells(height: int, width: int, rng: np.random.Generator, max_power: int = 6) -> tuple[int, int]:
-    """DRAEM's lattice: 2**a x 2**b cells with a, b in 0..5, at most one cell per pixel."""
-    rows = min(2 ** int(rng.integers(0, max_power)), height)
-    cols = min(2 ** int(rng.integers(0, max_power)), width)
+def _random_cells(height: int, width: int, rng: np.random.Generator, max_power: int = 6,
+                  min_power: int = 0) -> tuple[int, int]:
+    """DRAEM's lattice: 2**a x 2**b cells with a, b in min_power..max_power-1 (DRAEM: 0..5), at most one cell per pixel."""
+    rows = min(2 ** int(rng.integers(min_power, max_power)), height)
+    cols = min(2 ** int(rng.integers(min_power, max_power)), width)
     return rows, cols
 
 
@@ -264,6 +266,8 @@ class PerlinAnomaly:
         beta_range: tuple[float, float] = (0.2, 1.0),
         threshold: float = 0.5,
         max_rotation: float = 90.0,
+        max_scale_power: int = 6,
+        min_scale_power: int = 0,
     ):
         self.texture_files: list[Path] = []
         if texture_dir is not None:
@@ -278,6 +282,8 @@ class PerlinAnomaly:
         self.beta_range = beta_range
         self.threshold = threshold
         self.max_rotation = max_rotation
+        self.max_scale_power = max_scale_power
+        self.min_scale_power = min_scale_power
         self.texture_augmentation = _texture_augmentation()
 
     def _texture(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -291,7 +297,7 @@ class PerlinAnomaly:
         return self.texture_augmentation(image=texture_u8)["image"].astype(np.float32) / 255.0
 
     def _noise_mask(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-        noise = perlin_noise(height, width, _random_cells(height, width, rng), rng)
+        noise = perlin_noise(height, width, _random_cells(height, width, rng, self.max_scale_power, self.min_scale_power), rng)
         noise = _rotate(noise, rng.uniform(-self.max_rotation, self.max_rotation))
         return noise > self.threshold
 
@@ -309,10 +315,36 @@ class PerlinAnomaly:
         return _draw_until_visible(self._draw, np.asarray(image, np.float32), rng)
 
 
+class EitherSynthesis:
+    """One of several syntheses per image, chosen with the given probabilities (from the image's rng)."""
+
+    def __init__(self, choices: list, probabilities: list[float]):
+        if len(choices) != len(probabilities) or abs(sum(probabilities) - 1) > 1e-9:
+            raise ValueError("EitherSynthesis needs one probability per choice, summing to 1")
+        self.choices, self.probabilities = list(choices), list(probabilities)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.choices[int(rng.choice(len(self.choices), p=self.probabilities))](image, rng)
+
+
+def onenip_synthesis(texture_dir: str | Path | None = None) -> EitherSynthesis:
+    """OneNIP's hybrid anomalies (spec onenip.md §6), with probability 0.5 each:
+
+    - CutPaste, normal or scar with equal odds, colour jitter 0.4 (hue 0.1);
+    - DRAEM-style Perlin: lattices 2**{1..5}, rotation U(-5, 5) degrees, threshold 0.5, β ~ U(0, 0.8).
+    """
+    return EitherSynthesis(
+        [CutPaste("3way", colour_jitter=0.4, hue_jitter=0.1),
+         PerlinAnomaly(texture_dir=texture_dir, beta_range=(0.0, 0.8), max_rotation=5.0,
+                       min_scale_power=1, max_scale_power=6)],
+        [0.5, 0.5],
+    )
+
+
 def build_synthesis(
     name: str | None, texture_dir: str | Path | None = None
-) -> CutPaste | PerlinAnomaly | None:
-    """The synthesis a config names: none, cutpaste, cutpaste_scar, cutpaste_3way or perlin."""
+) -> CutPaste | PerlinAnomaly | EitherSynthesis | None:
+    """The synthesis a config names: none, cutpaste, cutpaste_scar, cutpaste_3way, perlin or cutpaste_or_perlin."""
     key = "none" if name is None else str(name).strip().lower()
     if key == "none":
         return None
@@ -324,4 +356,6 @@ def build_synthesis(
         return CutPaste("3way")
     if key == "perlin":
         return PerlinAnomaly(texture_dir=texture_dir)
+    if key == "cutpaste_or_perlin":
+        return onenip_synthesis(texture_dir)
     raise ValueError(f"unknown synthesis '{name}'; choose one of: {', '.join(SYNTHESIS_NAMES)}")

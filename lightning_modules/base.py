@@ -140,6 +140,9 @@ class AnomalyDetector(LightningModule, ABC):
     #: Trainer settings this detector needs unless the config sets them, e.g. {"max_epochs": 1} for a
     #: statistic-only detector (a memory bank): one pass over the training images, no optimiser.
     trainer_defaults: ClassVar[dict[str, Any]] = {}
+    #: Per-item fields the training loader must add (the data module's TRAINING_FIELDS), e.g. OneNIP's
+    #: "prompt_image": a random normal training image of the same category.
+    training_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, threshold_fpr: float = 0.05, max_maps_per_category: int = 6) -> None:
         super().__init__()
@@ -263,6 +266,12 @@ class AnomalyDetector(LightningModule, ABC):
         return {k: gather_samples(v) for k, v in local.items()}
 
     # ------------------------------------------------------------------ training-time hooks
+    def setup(self, stage: str) -> None:
+        """Ask the data module for the training fields this detector needs (before any loader is built)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.training_fields and datamodule is not None:
+            datamodule.request_training_fields(self.training_fields)
+
     def on_fit_start(self) -> None:
         # Which weights the run uses goes into every logger's config (W&B too), not only metrics.json.
         for logger in self.loggers:

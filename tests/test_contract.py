@@ -14,6 +14,7 @@ import torch
 
 from export import description_path, export_model
 from lightning_modules.efficientad import EfficientAD
+from lightning_modules.onenip import OneNIP
 from lightning_modules.puad import PUAD
 from lightning_modules.ulsad import ULSAD
 from networks.anomaly_model import AnomalyOutput, FittedSettingsMismatch
@@ -27,7 +28,9 @@ def random_batches(count: int, batch_size: int, seed: int) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     return [{"image": torch.rand(batch_size, 3, SIZE, SIZE, generator=generator),
              "label": torch.zeros(batch_size, dtype=torch.long),
-             "index": torch.arange(i * batch_size, (i + 1) * batch_size)} for i in range(count)]
+             "index": torch.arange(i * batch_size, (i + 1) * batch_size),
+             "category": ["first", "second"] * (batch_size // 2) + ["first"] * (batch_size % 2)}
+            for i in range(count)]
 
 
 DETECTORS = {
@@ -37,6 +40,9 @@ DETECTORS = {
                                   use_tie_loss=False),
     "EfficientAD": lambda: EfficientAD(teacher_pretrained=False, image_size=SIZE),
     "PUAD": lambda: PUAD(teacher_pretrained=False, image_size=SIZE),
+    # a unified detector whose forward picks each image's prompt from its pool (cosine similarity, argmax, gather)
+    "OneNIP": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
+                             heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2),
 }
 
 
@@ -127,7 +133,7 @@ def test_loading_fitted_statistics_under_another_setting_is_refused():
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("detector", [ULSAD, EfficientAD, PUAD], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("detector", [ULSAD, EfficientAD, PUAD, OneNIP], ids=lambda cls: cls.__name__)
 def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector):
     """`--model.help ULSAD` (a short name) documents every init argument from the class docstring's Args."""
     import inspect
@@ -147,7 +153,7 @@ def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector)
 def test_help_lists_every_detector():
     text = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=True).stdout
-    for detector in ("ULSAD", "EfficientAD", "PUAD"):
+    for detector in ("ULSAD", "EfficientAD", "PUAD", "OneNIP"):
         assert detector in text, detector
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.synthesis import CutPaste, PerlinAnomaly, build_synthesis, perlin_noise, procedural_texture
+from datamodules.synthesis import (
+    CutPaste,
+    EitherSynthesis,
+    PerlinAnomaly,
+    build_synthesis,
+    onenip_synthesis,
+    perlin_noise,
+    procedural_texture,
+)
 from tests import fake_trees
 
 
@@ -27,6 +35,7 @@ SYNTHESES = {
     "3way": lambda _: CutPaste("3way"),
     "perlin_procedural": lambda _: PerlinAnomaly(),
     "perlin_textures": lambda texture_dir: PerlinAnomaly(texture_dir=texture_dir),
+    "onenip_hybrid": lambda texture_dir: onenip_synthesis(texture_dir),
 }
 
 
@@ -163,3 +172,15 @@ def test_build_synthesis_names(texture_dir):
         build_synthesis("draem")
     with pytest.raises(ValueError, match="mode must be normal, scar or 3way"):
         CutPaste("big")
+
+
+def test_onenip_hybrid_draws_cutpaste_and_perlin_half_each(texture_dir):
+    """OneNIP (spec §6): CutPaste or Perlin with probability 0.5 each, chosen from the image's own rng."""
+    synthesis = build_synthesis("cutpaste_or_perlin", texture_dir=str(texture_dir))
+    assert isinstance(synthesis, EitherSynthesis) and synthesis.probabilities == [0.5, 0.5]
+    cutpaste, perlin = synthesis.choices
+    assert cutpaste.mode == "3way" and perlin.beta_range == (0.0, 0.8) and perlin.max_rotation == 5.0
+    picks = [int(np.random.default_rng(seed).choice(2, p=[0.5, 0.5])) for seed in range(400)]
+    assert 0.42 < np.mean(picks) < 0.58
+    with pytest.raises(ValueError, match="one probability per choice"):
+        EitherSynthesis([cutpaste], [0.4])
