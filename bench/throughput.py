@@ -215,6 +215,11 @@ def random_batches(
                 "path": [f"random_{position}_{i}.png" for i in range(batch_size)],
                 "defect_type": ["good"] * batch_size,
                 "anomaly_kind": ["good"] * batch_size,
+                # what a training batch adds for detectors that train on synthetic anomalies or prompts (OneNIP)
+                "synthetic_image": images.flip(-1).to(device),
+                "synthetic_mask": torch.zeros(batch_size, 1, image_size, image_size, device=device),
+                "prompt_image": images.flip(-2).to(device),
+                "prompt_index": torch.arange(batch_size, device=device) + 10_000 * (position + 1),
             }
         )
     return batches

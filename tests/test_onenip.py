@@ -22,18 +22,18 @@ from networks.onenip import (
 SIZE = 64  # a 4×4 token grid
 
 
+SMALL = {"backbone": "tf_efficientnet_lite0", "pretrained": False, "image_size": SIZE, "hidden_dim": 32, "heads": 4,
+         "ffn_dim": 64, "encoder_layers": 2, "decoder_layers": 2}
+
+
 def small_model(**overrides) -> OneNIPModel:
     torch.manual_seed(0)
-    settings = dict(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=32, heads=4,
-                    ffn_dim=64, encoder_layers=2, decoder_layers=2)
-    return OneNIPModel(**{**settings, **overrides})
+    return OneNIPModel(**{**SMALL, **overrides})
 
 
 def small_detector(**overrides) -> OneNIP:
     torch.manual_seed(0)
-    settings = dict(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=32, heads=4,
-                    ffn_dim=64, encoder_layers=2, decoder_layers=2)
-    return OneNIP(**{**settings, **overrides})
+    return OneNIP(**{**SMALL, **overrides})
 
 
 def images(count: int, seed: int) -> torch.Tensor:
