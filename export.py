@@ -5,7 +5,8 @@
 
 The graph is the model's ``forward``: [0, 1] RGB images (N×3×S×S, any N) → input normalisation →
 networks → map post-processing → (anomaly_map N×1×S×S, image_score N), with every fitted statistic
-inside. Beside it, ``<output>.json`` (e.g. ``model.onnx.json``) says the input size and range, the normalisation done inside,
+inside. A model that needs more than the image (``input_fields``, e.g. OneNIP's ``category_index`` under
+``prompt_selection: label``) gets one more graph input per field, N values each, named as the field. Beside it, ``<output>.json`` (e.g. ``model.onnx.json``) says the input size and range, the normalisation done inside,
 the decision threshold and how to read the outputs. ONNX needs the export extra:
 ``pip install -e ".[export]"`` (onnx, onnxscript, onnxruntime).
 """
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.cli import run_command
-from lightning_modules.prediction import load_detector, require_image_only_and_calibrated
+from lightning_modules.prediction import load_detector, require_calibrated
 from networks.anomaly_model import AnomalyModel
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -38,8 +39,8 @@ class InferenceGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        anomaly_map, image_score = self.model(images)
+    def forward(self, images: Tensor, *fields: Tensor) -> tuple[Tensor, Tensor]:
+        anomaly_map, image_score = self.model(images, **dict(zip(self.model.input_fields, fields)))
         return anomaly_map, image_score
 
 
@@ -48,12 +49,14 @@ def export_model(model: AnomalyModel, output: str | Path, export_format: str, ex
     """Write ``model`` (calibrated; fp32 weights) as ONNX or TorchScript for the CPU, plus the JSON beside it."""
     if export_format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, got {export_format!r}")
-    require_image_only_and_calibrated(model, "export")
+    require_calibrated(model, "export")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     # A copy on the CPU: the caller's model stays where it is, and float64 statistics (PUAD's Gaussian) stay float64.
     graph = InferenceGraph(copy.deepcopy(model).cpu()).eval()
     images = torch.rand(example_batch, 3, model.image_size, model.image_size, generator=torch.Generator().manual_seed(0))
+    fields = tuple(model.example_fields(example_batch)[name] for name in model.input_fields)
+    batch = torch.export.Dim("batch", min=1, max=1024)
     if export_format == "onnx":
         missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
         if missing:
@@ -61,17 +64,19 @@ def export_model(model: AnomalyModel, output: str | Path, export_format: str, ex
     with torch.no_grad():
         if export_format == "onnx":
             torch.onnx.export(
-                graph, (images,), str(output), input_names=["images"], output_names=list(OUTPUT_NAMES),
-                dynamo=True, external_data=False,
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                graph, (images, *fields), str(output), input_names=["images", *model.input_fields],
+                output_names=list(OUTPUT_NAMES), dynamo=True, external_data=False,
+                # *fields is one argument (a tuple) to torch.export; with none, images alone
+                dynamic_shapes=({0: batch}, tuple({0: batch} for _ in fields)) if fields else ({0: batch},),
             )
         else:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many runtimes load
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*torch.jit")
-                traced = torch.jit.trace(graph, (images,), check_trace=False)
+                traced = torch.jit.trace(graph, (images, *fields), check_trace=False)
             # A second batch size must give the same as eager: the batch dimension was not baked in.
-            check = torch.rand(example_batch + 1, 3, model.image_size, model.image_size)
-            torch.testing.assert_close(traced(check), graph(check), rtol=1e-4, atol=1e-5)
+            check = (torch.rand(example_batch + 1, 3, model.image_size, model.image_size),
+                     *(model.example_fields(example_batch + 1)[name] for name in model.input_fields))
+            torch.testing.assert_close(traced(*check), graph(*check), rtol=1e-4, atol=1e-5)
             traced.save(str(output))
     description = inference_description(model, export_format, calibration_precision)
     description_path(output).write_text(json.dumps(description, indent=2) + "\n")

@@ -62,11 +62,16 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext()
 
 
-def require_image_only_and_calibrated(model: AnomalyModel, use: str) -> None:
-    """Prediction and export need a calibrated model that scores images alone."""
+def require_calibrated(model: AnomalyModel, use: str) -> None:
+    """Prediction and export need a calibrated model."""
     if not model.is_calibrated():
         raise CheckpointError(f"This checkpoint's model has no fitted statistics or decision threshold (e.g. a "
                               f"last.ckpt saved before calibration); {use} with final.ckpt.")
+
+
+def require_image_only_and_calibrated(model: AnomalyModel, use: str) -> None:
+    """Prediction on a folder needs a calibrated model that scores images alone."""
+    require_calibrated(model, use)
     if model.input_fields:
         raise ValueError(f"{type(model).__name__} needs {list(model.input_fields)} besides the image; "
                          f"`{use}` on images alone is not supported for it yet.")

@@ -73,6 +73,10 @@ class AnomalyModel(nn.Module, ABC):
         """True when ``forward`` and the threshold are meaningful: statistics and threshold are fitted."""
         return self.statistics_fitted() and self.threshold_fitted()
 
+    def example_fields(self, batch_size: int) -> dict[str, Tensor]:
+        """Valid example values of each ``input_fields`` entry for ``batch_size`` images (what export traces with)."""
+        return {}
+
     def describe_input(self) -> dict[str, Any]:
         """What a deployment must feed ``forward`` (written beside an export)."""
         return {"shape": ["batch", 3, self.image_size, self.image_size], "dtype": "float32",

@@ -263,6 +263,12 @@ class OneNIPModel(AnomalyModel):
             description["category_index"] = {"dtype": "int64", "shape": ["batch"], "categories": self.category_names}
         return description
 
+    def example_fields(self, batch_size: int) -> dict[str, Tensor]:
+        if not self.input_fields:
+            return {}
+        categories = max(len(self.category_names), 1)
+        return {"category_index": torch.arange(batch_size, device=self.fusion_scale.device) % categories}
+
     def set_prompt_pool(self, features: Tensor, categories: Tensor, names: Sequence[str]) -> None:
         """Store the pool: ``features`` P×C×g×g backbone features, ``categories`` P ids into ``names``."""
         self.prompt_features = features.detach().float().to(self.fusion_scale.device)

@@ -43,6 +43,10 @@ DETECTORS = {
     # a unified detector whose forward picks each image's prompt from its pool (cosine similarity, argmax, gather)
     "OneNIP": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
                              heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2),
+    # ... or by the image's category (the released code): a second input, category_index, also in the export
+    "OneNIP-label": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
+                                   heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2,
+                                   prompt_selection="label"),
 }
 
 
@@ -62,7 +66,7 @@ def calibrated(request):
 def test_the_model_scores_images_alone(calibrated):
     images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        output = calibrated.model(images)
+        output = calibrated.model(images, **calibrated.model.example_fields(3))
     assert isinstance(output, AnomalyOutput)
     assert output.anomaly_map.shape == (3, 1, SIZE, SIZE) and output.image_score.shape == (3,)
     assert output.anomaly_map.dtype == output.image_score.dtype == torch.float32
@@ -72,7 +76,8 @@ def test_the_model_scores_images_alone(calibrated):
 def test_the_threshold_comes_from_the_validation_scores_at_the_target_rate(calibrated):
     model = calibrated.model
     with torch.no_grad():
-        scores = torch.cat([model(batch["image"]).image_score for batch in random_batches(3, 4, seed=2)])
+        scores = torch.cat([model(batch["image"], **calibrated.model_inputs(batch)).image_score
+                            for batch in random_batches(3, 4, seed=2)])
     expected = np.quantile(scores.double().numpy(), 1 - calibrated.threshold_fpr)
     assert float(model.image_threshold) == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert float(model.normal_image_score) == pytest.approx(np.median(scores.double().numpy()), rel=1e-5, abs=1e-6)
@@ -90,8 +95,9 @@ def test_everything_fitted_travels_in_the_state_dict(calibrated):
     fresh.load_state_dict(calibrated.state_dict())
     assert fresh.is_calibrated()
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    fields = calibrated.model.example_fields(2)
     with torch.no_grad():
-        expected, actual = calibrated.model(images), fresh.eval().model(images)
+        expected, actual = calibrated.model(images, **fields), fresh.eval().model(images, **fields)
     assert torch.equal(expected.anomaly_map, actual.anomaly_map) and torch.equal(expected.image_score, actual.image_score)
 
 
@@ -103,17 +109,20 @@ def test_export_gives_the_same_maps_and_scores_as_pytorch(calibrated, export_for
     assert description["decision_threshold"]["image_threshold"] == pytest.approx(float(model.image_threshold))
     assert description["input"]["shape"] == ["batch", 3, SIZE, SIZE]
     images = torch.rand(5, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6))  # not the example batch size
+    fields = {name: value.flip(0) for name, value in model.example_fields(5).items()}  # not the traced values
+    assert list(fields) == list(model.input_fields) and description["input"]["fields"] == list(model.input_fields)
     with torch.no_grad():
-        expected_map, expected_score = (value.numpy() for value in model(images))
+        expected_map, expected_score = (value.numpy() for value in model(images, **fields))
     if export_format == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        anomaly_map, image_score = session.run(None, {"images": images.numpy()})
+        feed = {"images": images.numpy(), **{name: value.numpy() for name, value in fields.items()}}
+        anomaly_map, image_score = session.run(None, feed)
     else:
         loaded = torch.jit.load(str(path))
         with torch.no_grad():
-            anomaly_map, image_score = (value.numpy() for value in loaded(images))
+            anomaly_map, image_score = (value.numpy() for value in loaded(images, *fields.values()))
     assert anomaly_map.shape == expected_map.shape and image_score.shape == expected_score.shape
     map_range = float(expected_map.max() - expected_map.min())
     assert np.abs(anomaly_map - expected_map).max() <= 1e-4 * map_range
