@@ -366,3 +366,24 @@ def test_the_official_b4_weights_file_gives_the_official_blocks_1_5_9_21(tmp_pat
         actual = model.extract_features(images)
     assert actual.shape == (2, 272, 4, 4)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_similarity_picks_a_prompt_of_the_right_category_on_the_embedded_test_set(embedded_root):
+    """The pool is built from the training images; each test image (normal or anomalous) picks its prompt by cosine
+    similarity of pooled projected tokens. With the real ImageNet Lite0 and the projection as initialised (before
+    any training) the chosen prompt has the image's own category for ≥ 95% of the test images."""
+    from datamodules.datamodule import AnomalyDataModule
+
+    datamodule = AnomalyDataModule(layout="embedded", root=str(embedded_root), image_size=128)
+    torch.manual_seed(0)
+    detector = OneNIP(backbone="tf_efficientnet_lite0", pretrained=True, image_size=128).eval()
+    detector.fit_training_statistics(datamodule.statistics_dataloader())
+    model = detector.model
+    hits = []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            chosen = model.select_prompts(model.extract_features(batch["image"]))
+            hits.append(model.prompt_category[chosen] == detector.category_indices(batch["category"]))
+    accuracy = float(torch.cat(hits).float().mean())
+    print(f"prompt category accuracy {accuracy:.3f}")
+    assert torch.cat(hits).numel() == 100 and accuracy >= 0.95  # measured 1.00
