@@ -17,6 +17,7 @@ from networks.onenip import (
     jitter_features,
     neighbour_mask,
     parameter_count,
+    window_mean,
 )
 
 SIZE = 64  # a 4×4 token grid
@@ -387,3 +388,10 @@ def test_similarity_picks_a_prompt_of_the_right_category_on_the_embedded_test_se
     accuracy = float(torch.cat(hits).float().mean())
     print(f"prompt category accuracy {accuracy:.3f}")
     assert torch.cat(hits).numel() == 100 and accuracy >= 0.95  # measured 1.00
+
+
+def test_the_separable_window_mean_equals_avg_pool():
+    maps = torch.rand(3, 1, 224, 224, generator=torch.Generator().manual_seed(0)) * 50
+    expected = torch.nn.functional.avg_pool2d(maps, 16, stride=1)
+    torch.testing.assert_close(window_mean(maps, 16), expected, rtol=1e-5, atol=1e-5)
+    assert window_mean(maps, 16).shape == (3, 1, 209, 209)
