@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from networks.anomaly_model import AnomalyModel, AnomalyOutput
 from networks.backbones import FeatureExtractor, Pretrained
+from networks.feature_maps import fuse_to_stride, window_mean
 
 PROMPT_MODES = ("none", "static", "dynamic")
 PROMPT_SELECTIONS = ("similarity", "label")
@@ -31,14 +32,6 @@ FEATURE_STRIDE = 16
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-def fuse_to_stride(maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
-    """Every map resized to ``size`` by bilinear interpolation with align_corners=True (the official neck's
-    ``UpsamplingBilinear2d``; larger maps are subsampled, with no anti-aliasing: spec §1, surprise 13), then
-    concatenated along channels. Float32 whatever the autocast: these are the regression targets."""
-    resized = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=True) for m in maps]
-    return torch.cat(resized, dim=1)
-
-
 def neighbour_mask(height: int, width: int, window: int) -> Tensor:
     """N×N boolean, True where token i MAY attend to token j (N = height·width, row-major tokens).
 
@@ -56,13 +49,6 @@ def jitter_features(tokens: Tensor, scale: float) -> Tensor:
     """UniAD's feature jitter (spec §3): f + ε·scale·‖f‖₂/C per token, ε ~ N(0, I); tokens B×N×C."""
     norms = tokens.norm(dim=-1, keepdim=True) / tokens.shape[-1]
     return tokens + torch.randn_like(tokens) * norms * scale
-
-
-def window_mean(maps: Tensor, size: int) -> Tensor:
-    """``avg_pool2d(maps, size, stride=1)`` computed separably (rows, then columns): 2·size additions per output
-    instead of size², the same mean (to float rounding): 8 maps of 224² with size 16 took 28 ms instead of 60 ms
-    on one CPU thread here."""
-    return F.avg_pool2d(F.avg_pool2d(maps, (size, 1), stride=1), (1, size), stride=1)
 
 
 def dice_loss(logits: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:
