@@ -30,7 +30,7 @@ from datamodules.datamodule import AnomalyDataModule
 from datamodules.validate import DatasetError
 
 # Every detector is imported here so that --model=ULSAD (a short name) resolves and --help lists them all.
-from lightning_modules import efficientad, onenip, puad, ulsad  # noqa: F401
+from lightning_modules import crad, efficientad, onenip, puad, ulsad  # noqa: F401
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
 from networks.anomaly_model import FittedSettingsMismatch
