@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from export import description_path, export_model
+from lightning_modules.crad import CRAD
 from lightning_modules.efficientad import EfficientAD
 from lightning_modules.onenip import OneNIP
 from lightning_modules.puad import PUAD
@@ -47,6 +48,9 @@ DETECTORS = {
     "OneNIP-label": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
                                    heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2,
                                    prompt_selection="label"),
+    # grid_sample at learned coordinates (per pixel and per image), MobileNetV3 fusion, refinement, box smoothing
+    "CRAD": lambda: CRAD(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, blocks=2,
+                         expansion_ratio=0.5, smoothing_size=13, score_pool_size=18),
 }
 
 
@@ -142,7 +146,7 @@ def test_loading_fitted_statistics_under_another_setting_is_refused():
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("detector", [ULSAD, EfficientAD, PUAD, OneNIP], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("detector", [ULSAD, EfficientAD, PUAD, OneNIP, CRAD], ids=lambda cls: cls.__name__)
 def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector):
     """`--model.help ULSAD` (a short name) documents every init argument from the class docstring's Args."""
     import inspect
@@ -162,7 +166,7 @@ def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector)
 def test_help_lists_every_detector():
     text = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=True).stdout
-    for detector in ("ULSAD", "EfficientAD", "PUAD", "OneNIP"):
+    for detector in ("ULSAD", "EfficientAD", "PUAD", "OneNIP", "CRAD"):
         assert detector in text, detector
 
 
