@@ -80,9 +80,11 @@ def test_global_grid_cells_hold_whole_maps_read_in_channel_height_width_order():
     maps = torch.arange(resolution * resolution * channels * height * width, dtype=torch.float32)
     maps = maps.reshape(resolution, resolution, channels, height, width)  # cell (row, col) holds a C×H×W map
     grid = maps.permute(2, 3, 4, 0, 1).reshape(1, channels * height * width, resolution, resolution)
-    coordinates = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [0.0, 0.0]])  # cell (0, 0), cell (0, 1), the middle
+    # cell (0, 0), cell (0, 1), the middle, and beyond cell (0, 1)'s centre towards the zero padding (x = 1.4)
+    coordinates = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [0.0, 0.0], [0.9, -0.5]])
     sampled = sample_global_grid(grid, coordinates, (channels, height, width))
-    assert sampled.shape == (3, channels, height, width)
+    assert sampled.shape == (4, channels, height, width)
+    torch.testing.assert_close(sampled[3], 0.6 * maps[0, 1])
     torch.testing.assert_close(sampled[0], maps[0, 0])
     torch.testing.assert_close(sampled[1], maps[0, 1])
     torch.testing.assert_close(sampled[2], maps.mean(dim=(0, 1)))

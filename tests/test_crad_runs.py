@@ -1,0 +1,71 @@
+"""CRAD through train.py / evaluate.py / export.py: one unified model over several categories, trained on two DDP
+processes in bf16 on two dataset layouts, re-evaluated exactly in a fresh process, and exported; and a short
+training on real ImageNet features (the packaged Lite0) that detects the embedded anomalies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.reporting import read_scores_csv
+from tests import fake_trees
+from tests.runs import REPO, assert_same_metrics, run_script
+
+pytestmark = pytest.mark.slow
+DDP = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
+
+
+def tiny_crad_args(layout: str, root: Path, output_root: Path, *extra: str) -> list[str]:
+    """configs/crad/quickstart.yaml shrunk to seconds: two narrow bottlenecks, 64 px, 3 steps, random weights."""
+    return [
+        "--config", str(REPO / "configs/crad/quickstart.yaml"), f"--data.layout={layout}", f"--data.root={root}",
+        "--data.categories=all", "--data.image_size=64", "--data.train_batch_size=4",
+        "--model.init_args.pretrained=false", "--model.init_args.blocks=2", "--model.init_args.expansion_ratio=0.5",
+        "--model.init_args.smoothing_size=7", "--model.init_args.score_pool_size=9",
+        "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--wandb.mode=disabled", f"--run.output_root={output_root}",
+        "--run.name=crad", *extra,
+    ]
+
+
+@pytest.mark.parametrize("layout", ["embedded", "mvtec_ad"])
+def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded_root, tmp_path):
+    if layout == "embedded":
+        root, categories, test_images = embedded_root, {"parts_tray", "woven_tiles"}, 100
+    else:
+        root = fake_trees.make_mvtec_ad(tmp_path / "data", ("bottle", "cable"), n_train=12, n_test_good=3)
+        categories, test_images = {"bottle", "cable"}, 12
+    run_script("train.py", *tiny_crad_args(layout, root, tmp_path / "runs", *DDP))
+    run_dir = tmp_path / "runs" / "crad"
+    ddp = json.loads((run_dir / "metrics.json").read_text())
+    assert set(ddp["per_category"]) == categories  # one model for every category
+    assert ddp["run"]["test_images"] == test_images
+    assert ddp["run"]["detector"] == "CRAD" and ddp["run"]["grids"] == "both"
+
+    run_script("evaluate.py", "--checkpoint", str(run_dir / "checkpoints" / "final.ckpt"),
+               "--output_dir", str(tmp_path / "one"), "--trainer.devices=1", "--trainer.strategy=auto")
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert assert_same_metrics(ddp, single) >= 7
+    first = {row["path"]: row["score"] for row in read_scores_csv(run_dir / "scores.csv")}
+    second = {row["path"]: row["score"] for row in read_scores_csv(tmp_path / "one" / "scores.csv")}
+    assert first.keys() == second.keys() and max(abs(first[p] - second[p]) for p in first) <= 1e-6
+
+    if layout == "embedded":  # the exported graph of the trained checkpoint scores images as PyTorch does
+        import onnxruntime
+
+        from export import export_model
+        from lightning_modules.prediction import load_detector
+
+        detector = load_detector(run_dir / "checkpoints" / "final.ckpt")
+        path = export_model(detector.model, tmp_path / "crad.onnx", "onnx")
+        images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = detector.model(images)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        anomaly_map, image_score = session.run(None, {"images": images.numpy()})
+        np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
+        assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())
