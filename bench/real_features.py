@@ -86,10 +86,22 @@ def detect(config: str, bottle_root: Path, extra: list[str]) -> dict[str, Any]:
         metrics = json.loads((Path(results["run_dir"]) / "metrics.json").read_text())
     run = metrics["run"]
     return {
-        "config": config, "wall_s": wall, **metrics["per_category"]["bottle"]["all"],
+        "config": config, "detector": run.get("detector"), "wall_s": wall, **metrics["per_category"]["bottle"]["all"],
         "test_images": run.get("test_images"), "test_img_per_s": run.get("model_throughput_img_per_s"),
         "peak_host_memory_mib": run.get("peak_host_memory_mib"), "weights_source": run.get("weights_source"),
     }
+
+
+def detection_table(detections: list[dict[str, Any]]) -> Table:
+    """One row per trained config, named by the detector it trained."""
+    table = Table(title="Detectors on mvtec_ad/bottle: 60 normal to train (15 % held out), 20 normal + 63 defects to test")
+    for column in ("config", "detector", "image AUROC", "image AP", "F1max", "wall s", "test img/s", "peak MiB", "weights"):
+        table.add_column(column, justify="left" if column in ("config", "detector", "weights") else "right")
+    for row in detections:
+        table.add_row(row["config"], str(row["detector"]), f"{row['image_AUROC']:.3f}", f"{row['image_AP']:.3f}",
+                      f"{row['image_F1max']:.3f}", f"{row['wall_s']:.0f}", f"{row['test_img_per_s']:.1f}",
+                      f"{row['peak_host_memory_mib']:.0f}", str(row["weights_source"])[:60])
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -116,13 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     console.print(table)
 
     detections = [detect(config, bottle_root, extra) for config in args.configs]
-    table = Table(title="ULSAD on mvtec_ad/bottle: 60 normal to train (15 % held out), 20 normal + 63 defects to test")
-    for column in ("config", "image AUROC", "image AP", "F1max", "wall s", "test img/s", "peak MiB", "weights"):
-        table.add_column(column, justify="right" if column not in ("config", "weights") else "left")
-    for row in detections:
-        table.add_row(row["config"], f"{row['image_AUROC']:.3f}", f"{row['image_AP']:.3f}", f"{row['image_F1max']:.3f}",
-                      f"{row['wall_s']:.0f}", f"{row['test_img_per_s']:.1f}", f"{row['peak_host_memory_mib']:.0f}",
-                      str(row["weights_source"])[:60])
+    table = detection_table(detections)
     console.print(table)
     report = {"machine": machine_info(torch.device("cpu")), "classification": classification, "detection": detections}
     write_json_report(args.json, report, console)

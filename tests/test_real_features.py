@@ -66,3 +66,4 @@ def test_ulsad_on_lite0_features_finds_the_real_bottle_defects(tmp_path):
     assert bottle["image_AUROC"] >= 0.97, bottle
     scores = (Path(results["run_dir"]) / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + (80 - BOTTLE_TRAIN_IMAGES) + 63  # header + every test image once
+
