@@ -122,7 +122,8 @@ class CRADModel(AnomalyModel):
         probability, in training mode only (spec §2d).
     """
 
-    FITTED_SETTINGS = ()
+    # The decision threshold is a quantile of scores computed under these settings.
+    FITTED_SETTINGS = ("refinement", "gate_weight", "cosine_weight", "gate_scale", "smoothing_size", "score_pool_size")
 
     def __init__(
         self,

@@ -382,3 +382,18 @@ def test_configs_name_only_real_arguments_and_the_paper_configs_hold_the_spec_va
     assert {key: arguments[key].default for key in spec if key != "layers"} == {k: v for k, v in spec.items() if k != "layers"}
     assert content["data"]["image_size"] == 224 and content["data"]["train_batch_size"] == 64
     assert content["data"]["layout"] == config.stem
+
+
+def test_the_threshold_remembers_the_scoring_settings_it_was_fitted_under():
+    from networks.anomaly_model import FittedSettingsMismatch
+
+    detector = CRAD(**SMALL)
+    validation = [batch(4, seed) for seed in (1, 2)]
+    detector.calibrate(validation, [batch(4, 3)])
+    assert detector.is_calibrated()
+    state = detector.model.state_dict()
+    for setting in ({"smoothing_size": 7}, {"score_pool_size": 5}, {"refinement": False}, {"gate_scale": 0.1}):
+        other = small_model(**setting)
+        with pytest.raises(FittedSettingsMismatch, match=next(iter(setting))):
+            other.load_state_dict(state)
+    small_model().load_state_dict(state)  # the same settings load
