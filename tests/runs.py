@@ -1,5 +1,5 @@
 """Helpers for tests that run train.py / evaluate.py: a seconds-long ULSAD command line, running a script in a
-fresh process, and comparing two metrics.json files."""
+fresh process, comparing two metrics.json files, re-evaluating a run, and checking its ONNX export."""
 
 from __future__ import annotations
 
@@ -52,3 +52,42 @@ def assert_same_metrics(first: dict, second: dict, tolerance: float = 1e-6) -> i
             assert math.isclose(value, other, abs_tol=tolerance), (key, metric, value, other)
             compared += 1
     return compared
+
+
+def assert_reevaluation_is_exact(run_dir: Path, output_dir: Path) -> dict:
+    """evaluate.py on the run's final checkpoint, on one process: every metric and every image score equal to the
+    run's own (≤ 1e-6). Returns the new metrics.json."""
+    import json
+
+    from lightning_modules.reporting import read_scores_csv
+
+    run_script("evaluate.py", "--checkpoint", str(run_dir / "checkpoints" / "final.ckpt"),
+               "--output_dir", str(output_dir), "--trainer.devices=1", "--trainer.strategy=auto")
+    original = json.loads((run_dir / "metrics.json").read_text())
+    again = json.loads((output_dir / "metrics.json").read_text())
+    assert assert_same_metrics(original, again) >= 7
+    first = {row["path"]: row["score"] for row in read_scores_csv(run_dir / "scores.csv")}
+    second = {row["path"]: row["score"] for row in read_scores_csv(output_dir / "scores.csv")}
+    assert first.keys() == second.keys() and max(abs(first[p] - second[p]) for p in first) <= 1e-6
+    return again
+
+
+def assert_onnx_export_matches(checkpoint: Path, path: Path, image_size: int) -> None:
+    """The checkpoint's model exported to ONNX scores 3 random images as PyTorch does (scores rtol 1e-4, maps to
+    1e-4 of their maximum)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from export import export_model
+    from lightning_modules.prediction import load_detector
+
+    detector = load_detector(checkpoint)
+    exported = export_model(detector.model, path, "onnx")
+    images = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = detector.model(images)
+    session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
+    anomaly_map, image_score = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())

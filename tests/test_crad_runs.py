@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from lightning_modules.reporting import read_scores_csv
 from tests import fake_trees
-from tests.runs import REPO, assert_same_metrics, run_script
+from tests.runs import REPO, assert_onnx_export_matches, assert_reevaluation_is_exact, run_script
 
 pytestmark = pytest.mark.slow
 DDP = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
@@ -46,29 +43,9 @@ def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded
     assert ddp["run"]["test_images"] == test_images
     assert ddp["run"]["detector"] == "CRAD" and ddp["run"]["grids"] == "both"
 
-    run_script("evaluate.py", "--checkpoint", str(run_dir / "checkpoints" / "final.ckpt"),
-               "--output_dir", str(tmp_path / "one"), "--trainer.devices=1", "--trainer.strategy=auto")
-    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert assert_same_metrics(ddp, single) >= 7
-    first = {row["path"]: row["score"] for row in read_scores_csv(run_dir / "scores.csv")}
-    second = {row["path"]: row["score"] for row in read_scores_csv(tmp_path / "one" / "scores.csv")}
-    assert first.keys() == second.keys() and max(abs(first[p] - second[p]) for p in first) <= 1e-6
-
+    assert_reevaluation_is_exact(run_dir, tmp_path / "one")
     if layout == "embedded":  # the exported graph of the trained checkpoint scores images as PyTorch does
-        import onnxruntime
-
-        from export import export_model
-        from lightning_modules.prediction import load_detector
-
-        detector = load_detector(run_dir / "checkpoints" / "final.ckpt")
-        path = export_model(detector.model, tmp_path / "crad.onnx", "onnx")
-        images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            expected = detector.model(images)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        anomaly_map, image_score = session.run(None, {"images": images.numpy()})
-        np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
-        assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())
+        assert_onnx_export_matches(run_dir / "checkpoints" / "final.ckpt", tmp_path / "crad.onnx", 64)
 
 
 def test_ten_epochs_on_real_features_detect_the_embedded_anomalies(embedded_root, tmp_path):
