@@ -7,10 +7,16 @@ The W&B agent needs the sweep controller on the server; this runner reads the SA
 the controller's part locally: a grid becomes every combination of the `values` lists, random and
 bayes sweeps become N points sampled with a fixed seed (no Bayesian optimisation offline). Each
 point runs as `python train.py --config ... --key=value ...` in a subprocess, one after another,
-with `--run.name=<sweep>-<index>` and `--run.output_root=<output root>` appended so runs never
-collide. A run whose metrics.json exists is skipped, so an interrupted sweep resumes where it
-stopped, and a run that stopped mid-training (its folder has checkpoints/last.ckpt but no metrics.json)
-continues with `--run.resume=true`. `<output root>/runs.csv` records every point (index, name, status, run_dir, parameters) and
+with `--run.name=<sweep>-<index>`, `--run.output_root=<output root>` and the exact folder
+(`--run.dir=<output root>/<sweep>-<index>[_vN]`) appended so runs never collide. Grid points come in
+the W&B agent's order (parameters sorted by name, the last one varying fastest), so `--max-runs 15`
+and `wandb agent --count 15` run the same trials. Each trial's folder holds `sweep_trial.json`, its
+resume key: every argument of its command line (the sweep point, the config, and everything after
+`--extra`). A trial whose folder with the same key has a metrics.json is skipped, so an interrupted
+sweep resumes where it stopped; one with the same key that stopped mid-training (checkpoints/last.ckpt,
+no metrics.json) continues with `--run.resume=true`. A folder made under another key (a smoke test
+with `--extra --trainer.max_epochs=1`, an older runner) is never reused: the trial runs again in
+the next version of the folder. `<output root>/runs.csv` records every point (index, name, status, run_dir, parameters) and
 `<output root>/logs/<name>.log` each run's output. Arguments after `--extra` go last on every
 command line, so they override the sweep (`--extra --trainer.max_epochs=1` for a smoke test).
 Run it from the repository root, as the W&B agent is: the program and config paths are relative.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -45,7 +52,8 @@ SAMPLING_METHODS = ("random", "bayes")
 DISTRIBUTIONS = ("uniform", "log_uniform_values", "log_uniform", "int_uniform")
 ENVVAR_MACRO = re.compile(r"\$\{envvar:([A-Za-z0-9_]*)\}")  # W&B's in-string environment macro
 RUNS_CSV = "runs.csv"
-FIXED_CSV_COLUMNS = ("index", "name", "status", "returncode", "seconds", "run_dir")
+FIXED_CSV_COLUMNS = ("index", "name", "status", "returncode", "seconds", "run_dir", "key")
+TRIAL_FILE = "sweep_trial.json"  # in each trial's folder: its resume key and the arguments it hashes
 
 
 class SweepError(ValueError):
@@ -60,6 +68,7 @@ class RunRecord:
     name: str
     parameters: dict[str, Any]
     command: list[str]
+    key: str = ""  # the resume key: a hash of every argument that can change the result (resume_key)
     status: str = "pending"  # finished | skipped | failed | pending
     returncode: int | None = None
     seconds: float | None = None
@@ -73,6 +82,7 @@ class RunRecord:
             "returncode": "" if self.returncode is None else str(self.returncode),
             "seconds": "" if self.seconds is None else f"{self.seconds:.1f}",
             "run_dir": "" if self.run_dir is None else str(self.run_dir),
+            "key": self.key,
         }
         row.update({key: render_value(value) for key, value in self.parameters.items()})
         return row
@@ -104,18 +114,28 @@ def sweep_name(path: str | Path) -> str:
 
 
 def grid_points(parameters: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Every combination of the `values` lists (YAML order; the last key varies fastest)."""
+    """Every combination of the `values` lists, in the W&B agent's order.
+
+    W&B's grid (wandb/sweeps, ``HyperParameterSet.from_config`` and ``grid_search_next_runs``) takes the
+    parameters sorted by name and walks ``itertools.product`` over them: the name that sorts last varies
+    fastest. Bounded ``int_uniform`` parameters become their integer range, as there. Each point keeps the
+    YAML's key order, so its command line reads like the file.
+    """
     choices = []
-    for key, spec in parameters.items():
+    for key in sorted(parameters):
+        spec = parameters[key]
         if "values" in spec:
             if not spec["values"]:
                 raise SweepError(f"grid parameter {key!r} has an empty `values` list")
             choices.append(list(spec["values"]))
         elif "value" in spec:
             choices.append([spec["value"]])
+        elif spec.get("distribution") == "int_uniform" and "min" in spec and "max" in spec:
+            choices.append(list(range(int(spec["min"]), int(spec["max"]) + 1)))
         else:
             raise SweepError(f"grid parameter {key!r} needs `values` or `value`, not a distribution")
-    return [dict(zip(parameters, combination)) for combination in itertools.product(*choices)]
+    combinations = [dict(zip(sorted(parameters), combination)) for combination in itertools.product(*choices)]
+    return [{key: combination[key] for key in parameters} for combination in combinations]
 
 
 def _sample_one(key: str, spec: Mapping[str, Any], rng: random.Random) -> Any:
@@ -217,22 +237,54 @@ def build_command(sweep: Mapping[str, Any], point: Mapping[str, Any], run_name: 
 
 
 # ---------------------------------------------------------------------------------------------- run folders
-def finished_run_dir(output_root: Path, run_name: str) -> Path | None:
-    """The folder of `run_name` holding a metrics.json, if any.
-
-    train.py versions a name whose folder is not empty (`name`, `name_v2`, ...), so a retried run lands
-    in a new version; the newest finished version wins.
-    """
-    candidates = [output_root / run_name, *output_root.glob(f"{run_name}_v*")]
-    finished = [path for path in candidates if (path / "metrics.json").is_file()]
-    return max(finished, key=_version_number) if finished else None
+def trial_arguments(command: Sequence[str]) -> list[str]:
+    """What a trial's result depends on: its command line without the interpreter (a new virtualenv path
+    changes nothing) and without the run folder arguments (where it is written changes nothing)."""
+    return [part for part in command[1:] if not part.startswith(("--run.name=", "--run.output_root=", "--run.dir="))]
 
 
-def latest_run_dir(output_root: Path, run_name: str) -> Path | None:
-    """The newest non-empty version of `run_name`: the one `train.py --run.resume=true` continues."""
-    candidates = [path for path in [output_root / run_name, *output_root.glob(f"{run_name}_v*")]
-                  if path.is_dir() and any(path.iterdir())]
-    return max(candidates, key=_version_number) if candidates else None
+def resume_key(command: Sequence[str]) -> str:
+    """A short hash of ``trial_arguments``: equal keys mean the same program, config, point and extras."""
+    return hashlib.sha256(json.dumps(trial_arguments(command)).encode()).hexdigest()[:16]
+
+
+def _versions(output_root: Path, run_name: str) -> list[Path]:
+    """The folders train.py's versioning gives ``run_name``: name, name_v2, name_v3, ... (existing ones)."""
+    found = [path for path in [output_root / run_name, *output_root.glob(f"{run_name}_v*")] if path.is_dir()]
+    return sorted(found, key=_version_number)
+
+
+def _key_of(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / TRIAL_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def finished_run_dir(output_root: Path, run_name: str, key: str | None = None) -> Path | None:
+    """The newest folder of `run_name` holding a metrics.json (and, given `key`, made under that resume key)."""
+    finished = [path for path in _versions(output_root, run_name) if (path / "metrics.json").is_file()
+                and (key is None or _key_of(path) == key)]
+    return finished[-1] if finished else None
+
+
+def resumable_run_dir(output_root: Path, run_name: str, key: str) -> Path | None:
+    """The newest folder of `run_name` made under `key` that stopped mid-training: last.ckpt, no metrics.json."""
+    stopped = [path for path in _versions(output_root, run_name) if _key_of(path) == key
+               and (path / "checkpoints" / "last.ckpt").is_file() and not (path / "metrics.json").is_file()]
+    return stopped[-1] if stopped else None
+
+
+def new_run_dir(output_root: Path, run_name: str) -> Path:
+    """The first free version of `run_name` (train.py's naming), created atomically."""
+    for version in range(1, 1000):
+        path = output_root / (run_name if version == 1 else f"{run_name}_v{version}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise SweepError(f"{output_root}: 999 folders of {run_name} already exist")
 
 
 def _version_number(path: Path) -> int:
@@ -292,7 +344,8 @@ def plan_sweep(sweep_path: str | Path, output_root: str | Path | None = None, ma
     records = []
     for index, point in enumerate(points):
         run_name = f"{name}-{index:0{width}d}"
-        records.append(RunRecord(index, run_name, point, build_command(sweep, point, run_name, root, extra)))
+        command = build_command(sweep, point, run_name, root, extra)
+        records.append(RunRecord(index, run_name, point, command, key=resume_key(command)))
     return root, records
 
 
@@ -323,20 +376,33 @@ def run_sweep(sweep_path: str | Path, output_root: str | Path | None = None, max
     return records
 
 
+def _with_run_folder(command: list[str], run_dir: Path, resume: bool) -> list[str]:
+    """The command with `--run.dir` (and `--run.resume=true`) after `--run.output_root`, so `--extra` stays last."""
+    position = next(i for i, part in enumerate(command) if part.startswith("--run.output_root=")) + 1
+    added = [f"--run.dir={run_dir}", *(["--run.resume=true"] if resume else [])]
+    return [*command[:position], *added, *command[position:]]
+
+
 def _run_one(record: RunRecord, root: Path, total: int, console: Console) -> None:
-    """Run one point unless it finished before; its output goes to logs/<name>.log."""
-    done = finished_run_dir(root, record.name)
+    """Run one point unless a folder with its resume key finished it; its output goes to logs/<name>.log."""
+    done = finished_run_dir(root, record.name, record.key)
     if done is not None:
         record.status, record.run_dir = "skipped", done
-        console.print(f"[dim]{record.name}: metrics.json exists in {escape(str(done))}, skipped[/dim]")
+        console.print(f"[dim]{record.name}: metrics.json exists in {escape(str(done))} (same key), skipped[/dim]")
         return
     console.print(f"[bold]{record.name}[/bold] ({record.index + 1}/{total}): "
                   + escape(" ".join(render_args(record.parameters))), highlight=False)
-    interrupted = latest_run_dir(root, record.name)
-    if interrupted is not None and (interrupted / "checkpoints" / "last.ckpt").is_file():
+    run_dir = resumable_run_dir(root, record.name, record.key)
+    if run_dir is not None:
         # An earlier attempt stopped mid-training (Ctrl-C, crash, time limit): continue it, don't start over.
-        record.command = [*record.command, "--run.resume=true"]
-        console.print(f"  resuming from {escape(str(interrupted / 'checkpoints' / 'last.ckpt'))}")
+        record.command = _with_run_folder(record.command, run_dir, resume=True)
+        console.print(f"  resuming from {escape(str(run_dir / 'checkpoints' / 'last.ckpt'))}")
+    else:
+        run_dir = new_run_dir(root, record.name)
+        (run_dir / TRIAL_FILE).write_text(json.dumps({"key": record.key, "arguments": trial_arguments(record.command)},
+                                                     indent=1), encoding="utf-8")
+        record.command = _with_run_folder(record.command, run_dir, resume=False)
+    record.run_dir = run_dir
     log_path = root / "logs" / f"{record.name}.log"
     started = time.monotonic()
     with log_path.open("w", encoding="utf-8") as log:
@@ -345,11 +411,9 @@ def _run_one(record: RunRecord, root: Path, total: int, console: Console) -> Non
         completed = subprocess.run(record.command, stdout=log, stderr=subprocess.STDOUT, check=False)
     record.seconds = time.monotonic() - started
     record.returncode = completed.returncode
-    finished = finished_run_dir(root, record.name)
-    record.run_dir = finished or latest_run_dir(root, record.name)
-    if completed.returncode == 0 and finished is not None:
+    if completed.returncode == 0 and (run_dir / "metrics.json").is_file():
         record.status = "finished"
-        console.print(f"  [green]finished[/green] in {record.seconds:.0f} s → {escape(str(record.run_dir))}")
+        console.print(f"  [green]finished[/green] in {record.seconds:.0f} s → {escape(str(run_dir))}")
     else:
         record.status = "failed"
         reason = f"exit code {completed.returncode}" if completed.returncode != 0 else "exit code 0 but no metrics.json"

@@ -89,16 +89,13 @@ def test_table3_grid_covers_every_switch_setting_for_every_mvtec_ad_category():
                  p["model.init_args.use_attention_loss"], p["model.init_args.use_tie_loss"]) for p in points}
     assert settings == {(a, b, att, tie) for a in (0.5, 0.0) for b in (0.5, 0.0)
                         for att in (True, False) for tie in (True, False)}
-    # The first 15 points are the full model on every category, so --max-runs 15 gives the paper's main row.
-    assert [p["data.categories"] for p in points[:15]] == MVTEC_AD_CATEGORIES
-    assert all((p["model.init_args.alpha_local"], p["model.init_args.beta_global"],
-                p["model.init_args.use_attention_loss"], p["model.init_args.use_tie_loss"]) == (0.5, 0.5, True, True)
-               for p in points[:15])
-    # sweeps/README.md's index rule: index = 15 * s + c, s = 8[alpha=0] + 4[beta=0] + 2[no attention] + [no tie].
+    # W&B's order (data.categories sorts first, so it varies slowest): the first 16 points are every setting on
+    # bottle. sweeps/README.md's index rule: index = 16 * c + s, s = 8[alpha=0] + 4[beta=0] + 2[no attention] + [no tie].
+    assert {p["data.categories"] for p in points[:16]} == {"bottle"}
     for index, point in enumerate(points):
         s = (8 * (point["model.init_args.alpha_local"] == 0.0) + 4 * (point["model.init_args.beta_global"] == 0.0)
              + 2 * (not point["model.init_args.use_attention_loss"]) + (not point["model.init_args.use_tie_loss"]))
-        assert index == 15 * s + MVTEC_AD_CATEGORIES.index(point["data.categories"])
+        assert index == 16 * MVTEC_AD_CATEGORIES.index(point["data.categories"]) + s
 
 
 def test_category_sweep_runs_one_model_per_mvtec_ad_category():
@@ -122,14 +119,14 @@ class _ParserCaptured(Exception):
 
 @pytest.fixture(scope="module")
 def print_config_run(tmp_path_factory):
-    """`python train.py <point 15 of the Table 3 sweep> --print_config`, started in the background.
+    """`python train.py <point 17 of the Table 3 sweep> --print_config`, started in the background.
 
     The subprocess and the in-process parser (below) each spend seconds importing torch and Lightning;
     starting the subprocess first lets the two overlap, which keeps this file within its time budget.
     """
     root, records = run_offline.plan_sweep(REPRESENTATIVE_SWEEP, output_root=tmp_path_factory.mktemp("cfg") / "sweep",
-                                           max_runs=16)
-    point = records[15]  # full model (alpha 0.5 ...) on a different category than the config's default
+                                           max_runs=18)
+    point = records[17]  # cable (c = 1), without the tying loss (s = 1): not the config's defaults
     process = subprocess.Popen([*point.command, "--print_config"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     yield root, point, process
@@ -209,20 +206,23 @@ def test_representative_sweep_point_passes_train_py_print_config(print_config_ru
     printed = report.flatten_config(yaml.safe_load(stdout))
     for key, value in point.parameters.items():
         assert _same_value(printed[key], value), f"{key}: printed {printed[key]!r}, swept {value!r}"
-    assert point.parameters["data.categories"] == "bottle" and printed["model.init_args.alpha_local"] == 0.5
+    assert point.parameters["data.categories"] == "cable" and printed["model.init_args.alpha_local"] == 0.5
     assert printed["model.init_args.use_tie_loss"] is False
-    assert printed["run.name"] == point.name == "ulsad_table3_ablation-015"
+    assert printed["run.name"] == point.name == "ulsad_table3_ablation-017"
     assert printed["run.output_root"] == str(root)
     assert not root.exists(), "--print_config must not create the run folder"
 
 
 # ---------------------------------------------------------------------------------------------- expansion
-def test_grid_points_in_yaml_order_last_key_fastest():
-    parameters = {"a": {"values": [1, 2]}, "b": {"value": "x"}, "c": {"values": [True, False]}}
-    assert run_offline.grid_points(parameters) == [
-        {"a": 1, "b": "x", "c": True}, {"a": 1, "b": "x", "c": False},
-        {"a": 2, "b": "x", "c": True}, {"a": 2, "b": "x", "c": False},
-    ]
+def test_grid_points_follow_the_wandb_agent_order_sorted_names_last_fastest():
+    """wandb/sweeps sorts the parameters by name and walks itertools.product over them, so a YAML listing
+    `model...` before `data.categories` still runs category slowest; each point keeps the YAML's key order."""
+    parameters = {"z.lr": {"values": [1, 2]}, "b": {"value": "x"}, "a.category": {"values": ["m", "n"]},
+                  "k": {"distribution": "int_uniform", "min": 3, "max": 4}}
+    points = run_offline.grid_points(parameters)
+    assert [(p["a.category"], p["k"], p["z.lr"]) for p in points] == [
+        ("m", 3, 1), ("m", 3, 2), ("m", 4, 1), ("m", 4, 2), ("n", 3, 1), ("n", 3, 2), ("n", 4, 1), ("n", 4, 2)]
+    assert list(points[0]) == ["z.lr", "b", "a.category", "k"] and points[0]["b"] == "x"
     assert len(run_offline.sweep_points({"method": "grid", "parameters": parameters}, max_runs=3)) == 3
 
 
@@ -309,8 +309,12 @@ FAKE_TRAIN = textwrap.dedent('''
     args = dict(arg[2:].split("=", 1) for arg in sys.argv[1:] if arg.startswith("--") and "=" in arg)
     with open(Path(__file__).with_name("calls.txt"), "a") as calls:
         calls.write(" ".join(sys.argv[1:]) + "\\n")
-    run_dir = Path(args["run.output_root"]) / args["run.name"]
+    run_dir = Path(args.get("run.dir") or Path(args["run.output_root"]) / args["run.name"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.get("trainer.max_epochs") == "crash":
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+        sys.exit(9)
     alpha = float(args["model.init_args.alpha_local"])
     if alpha < 0:
         print("fake training diverged", file=sys.stderr)
@@ -351,46 +355,72 @@ def test_run_offline_runs_every_point_records_failures_and_resumes(fake_sweep: P
     root = tmp_path / "out"
     quiet = Console(record=True, width=200)
     records = run_offline.run_sweep(fake_sweep, output_root=root, console=quiet)
-    assert [record.status for record in records] == ["finished", "finished", "failed", "failed",
-                                                     "finished", "finished"]
-    assert [record.returncode for record in records] == [0, 0, 3, 3, 0, 0]
+    # W&B's order: data.categories (sorts first) slowest, alpha_local fastest
+    assert [record.status for record in records] == ["finished", "failed", "finished", "finished", "failed",
+                                                     "finished"]
+    assert [record.returncode for record in records] == [0, 3, 0, 0, 3, 0]
     assert len(_calls(tmp_path)) == 6
-    assert "fake training diverged" in (root / "logs" / "fake_sweep-002.log").read_text()
+    assert "fake training diverged" in (root / "logs" / "fake_sweep-001.log").read_text()
     assert json.loads((root / "fake_sweep-005" / "metrics.json").read_text())["mean"]["all"]["image_AUROC"] == \
         pytest.approx(0.95)
     with (root / "runs.csv").open(newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(row["index"], row["status"], row["model.init_args.alpha_local"], row["data.categories"])
-            for row in rows] == [("0", "finished", "0.5", "a"), ("1", "finished", "0.5", "b"),
-                                 ("2", "failed", "-1.0", "a"), ("3", "failed", "-1.0", "b"),
-                                 ("4", "finished", "0.0", "a"), ("5", "finished", "0.0", "b")]
+            for row in rows] == [("0", "finished", "0.5", "a"), ("1", "failed", "-1.0", "a"),
+                                 ("2", "finished", "0.0", "a"), ("3", "finished", "0.5", "b"),
+                                 ("4", "failed", "-1.0", "b"), ("5", "finished", "0.0", "b")]
     assert rows[0]["run_dir"] == str(root / "fake_sweep-000")
 
     # Second invocation: finished runs are skipped, only the failed points run again (and fail again).
     again = run_offline.run_sweep(fake_sweep, output_root=root, console=quiet)
-    assert [record.status for record in again] == ["skipped", "skipped", "failed", "failed", "skipped", "skipped"]
+    assert [record.status for record in again] == ["skipped", "failed", "skipped", "skipped", "failed", "skipped"]
     assert len(_calls(tmp_path)) == 8
     assert all("alpha_local=-1.0" in call for call in _calls(tmp_path)[6:])
 
 
 def test_run_offline_cli_extra_args_go_last_and_exit_code_reports_failures(fake_sweep: Path, tmp_path: Path):
     root = tmp_path / "cli"
-    assert run_offline.main([str(fake_sweep), "--max-runs", "2", "--output-root", str(root),
+    assert run_offline.main([str(fake_sweep), "--max-runs", "1", "--output-root", str(root),
                              "--extra", "--trainer.max_epochs=1", "--seed_everything=3"]) == 0
     calls = _calls(tmp_path)
-    assert len(calls) == 2 and all(call.endswith("--trainer.max_epochs=1 --seed_everything=3") for call in calls)
+    assert len(calls) == 1 and calls[0].endswith(f"--run.dir={root / 'fake_sweep-000'} --trainer.max_epochs=1 "
+                                                 "--seed_everything=3")
     assert run_offline.main([str(fake_sweep), "--max-runs", "3", "--output-root", str(root)]) == 1
 
 
 def test_run_interrupted_mid_training_is_resumed_from_its_checkpoint(fake_sweep: Path, tmp_path: Path):
     root = tmp_path / "out"
-    (root / "fake_sweep-001" / "checkpoints").mkdir(parents=True)
-    (root / "fake_sweep-001" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
-    records = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=2, console=Console(record=True))
-    assert [record.status for record in records] == ["finished", "finished"]
-    first, second = _calls(tmp_path)
-    assert "--run.resume=true" not in first and second.endswith("--run.name=fake_sweep-001 "
-                                                                f"--run.output_root={root} --run.resume=true")
+    crashed = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=1, console=Console(record=True),
+                                    extra=["--trainer.max_epochs=crash"])  # the fake leaves last.ckpt, exits 9
+    assert [record.status for record in crashed] == ["failed"]
+    assert (root / "fake_sweep-000" / "checkpoints" / "last.ckpt").is_file()
+    records = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=1, console=Console(record=True),
+                                    extra=["--trainer.max_epochs=crash"])
+    assert _calls(tmp_path)[1].endswith(f"--run.dir={root / 'fake_sweep-000'} --run.resume=true "
+                                        "--trainer.max_epochs=crash")
+    assert [record.status for record in records] == ["failed"]  # the fake crashes again, in the same folder
+    # The same trial under other arguments never resumes that folder: it starts fresh in the next version.
+    run_offline.run_sweep(fake_sweep, output_root=root, max_runs=1, console=Console(record=True))
+    assert _calls(tmp_path)[2].endswith(f"--run.dir={root / 'fake_sweep-000_v2'}")
+
+
+def test_the_resume_key_covers_the_extra_arguments(fake_sweep: Path, tmp_path: Path):
+    """A smoke test's results (--extra --trainer.max_epochs=1) never count as done for the real sweep."""
+    root = tmp_path / "out"
+    smoke = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=2, extra=["--trainer.max_epochs=1"],
+                                  console=Console(record=True))
+    assert [record.status for record in smoke] == ["finished", "failed"]
+    real = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=2, console=Console(record=True))
+    assert [record.status for record in real] == ["finished", "failed"]  # nothing skipped
+    assert real[0].run_dir == root / "fake_sweep-000_v2" and real[0].key != smoke[0].key
+    assert json.loads((root / "fake_sweep-000_v2" / run_offline.TRIAL_FILE).read_text())["key"] == real[0].key
+    again = run_offline.run_sweep(fake_sweep, output_root=root, max_runs=2, console=Console(record=True))
+    assert [record.status for record in again] == ["skipped", "failed"] and again[0].run_dir == real[0].run_dir
+    # A folder from before resume keys (no sweep_trial.json) is not trusted either.
+    (root / "fake_sweep-000_v2" / run_offline.TRIAL_FILE).unlink()
+    assert run_offline.run_sweep(fake_sweep, output_root=root, max_runs=1, console=Console(record=True))[0].status \
+        == "finished"
+    assert len(_calls(tmp_path)) == 2 + 2 + 1 + 1
 
 
 def test_dry_run_prints_commands_and_touches_nothing(fake_sweep: Path, tmp_path: Path):
@@ -398,7 +428,7 @@ def test_dry_run_prints_commands_and_touches_nothing(fake_sweep: Path, tmp_path:
     records = run_offline.run_sweep(fake_sweep, output_root=tmp_path / "dry", dry_run=True, console=console)
     printed = console.export_text().splitlines()
     assert len(printed) == len(records) == 6
-    assert "--model.init_args.alpha_local=-1.0 --data.categories=b --run.name=fake_sweep-003" in printed[3]
+    assert "--model.init_args.alpha_local=-1.0 --data.categories=b --run.name=fake_sweep-004" in printed[4]
     assert not (tmp_path / "dry").exists() and _calls(tmp_path) == []
 
 
