@@ -389,45 +389,79 @@ def format_metric(value: float | None) -> str:
     return f"{100.0 * value:.1f}"
 
 
-def print_results_table(table: MetricsTable, title: str, console: Console | None = None) -> Table:
-    """Print a rich table: one row per (category, subset), then the bold mean rows; values ×100."""
-    metric_names = table.metric_names()
-    show_subset = any(subset != ALL_SUBSET for _, subset in table.rows)
-    show_counts = bool(table.mean_coverage())
-    rich_table = Table(title=title, caption="(n/N): the mean covers n of the N categories; the others have no value"
-                       if any(0 < c < n for m in table.mean_coverage().values() for c, n in m.values()) else None)
-    rich_table.add_column("Category")
-    if show_subset:
-        rich_table.add_column("Subset")
-    for name in metric_names:
-        rich_table.add_column(name, justify="right")
+# Short column labels, so each view fits the 80 columns rich uses for a log file; the caption says what I-/P- mean.
+SHORT_METRIC_LABELS = {"image_AUROC": "I-AUROC", "image_AP": "I-AP", "image_F1max": "I-F1max", "pixel_AUROC": "P-AUROC",
+                       "pixel_AP": "P-AP", "pixel_AUPRO": "AUPRO", "pixel_sPRO": "sPRO"}
+METRIC_LEGEND = "I- image-level, P- pixel-level; values ×100."
 
-    coverage = table.mean_coverage()
 
-    def add_row(group: str, subset: str, style: str | None) -> None:
-        metrics = table.rows[(group, subset)]
-        cells = [group, *([subset] if show_subset else [])]
-        for name in metric_names:
-            text = format_metric(metrics.get(name))
-            covered, total = coverage.get(subset, {}).get(name, (0, 0)) if group == MEAN_GROUP else (0, 0)
-            if group == MEAN_GROUP and 0 < covered < total:
-                text += f" ({covered}/{total})"  # a mean over fewer categories than the table has
-            cells.append(text)
-        if group == MEAN_GROUP and show_counts:
-            cells[0] = f"mean of {max(total for _, total in coverage.get(subset, {}).values())}"
-        rich_table.add_row(*cells, style=style)
+def _shown_rows(table: MetricsTable) -> list[tuple[RowKey, str]]:
+    """(row key, subset label) of each row worth printing, in table order.
 
+    No row repeats another: when a category (or the mean) has one subset besides "all" and its numbers equal
+    the "all" row (every anomaly of the category is of that kind), the two are one row labelled with the
+    subset; the mean rows are left out when there is one category (they would repeat it).
+    """
     keys = table.ordered_keys()
-    category_keys = [key for key in keys if key[0] != MEAN_GROUP]
-    mean_keys = [key for key in keys if key[0] == MEAN_GROUP]
-    for group, subset in category_keys:
-        add_row(group, subset, None)
-    if category_keys and mean_keys:
-        rich_table.add_section()
-    for group, subset in mean_keys:
-        add_row(group, subset, "bold")
-    (console or Console()).print(rich_table)
-    return rich_table
+    categories = {group for group, _ in keys if group != MEAN_GROUP}
+    shown = []
+    for group, subset in keys:
+        if group == MEAN_GROUP and len(categories) < 2:
+            continue
+        subsets = [other for g, other in keys if g == group and other != ALL_SUBSET]
+        folded = len(subsets) == 1 and (group, ALL_SUBSET) in table.rows and \
+            _same_metrics(table.rows[(group, subsets[0])], table.rows[(group, ALL_SUBSET)])
+        if folded and subset != ALL_SUBSET:
+            continue
+        shown.append(((group, subset), subsets[0] if folded else subset))
+    return shown
+
+
+def _same_metrics(first: dict[str, float], second: dict[str, float]) -> bool:
+    return first.keys() == second.keys() and all(
+        (math.isnan(value) and math.isnan(second[name])) or value == second[name] for name, value in first.items())
+
+
+def print_results_table(table: MetricsTable, title: str, console: Console | None = None) -> list[Table]:
+    """Print the results as two rich tables, image metrics then pixel metrics (one view each, so each fits 80
+    columns): one row per (category, subset), then the bold mean rows; values ×100. A mean over fewer categories
+    than the table has is marked * and the caption says which."""
+    console = console or Console()
+    coverage = table.mean_coverage()
+    shown = _shown_rows(table)
+    show_subset = any(label != ALL_SUBSET for _, label in shown)
+    categories = len({group for group, _ in table.rows if group != MEAN_GROUP})
+    names = table.metric_names()
+    views = [("image", [n for n in names if n.startswith("image_")]),
+             ("pixel", [n for n in names if not n.startswith("image_")])]
+    printed = []
+    for view, metric_names in views:
+        if not metric_names:
+            continue
+        partial = [f"{subset} {SHORT_METRIC_LABELS.get(name, name)} {covered} of {total}"
+                   for subset, per_metric in coverage.items() for name, (covered, total) in per_metric.items()
+                   if name in metric_names and 0 < covered < total and (MEAN_GROUP, subset) in dict(shown)]
+        caption = METRIC_LEGEND + (f" * a mean over fewer categories: {'; '.join(partial)}." if partial else "")
+        rich_table = Table(title=f"{title}: {view}", caption=caption, caption_justify="left")
+        rich_table.add_column("Category", overflow="fold")
+        if show_subset:
+            rich_table.add_column("Subset", overflow="fold")
+        for name in metric_names:
+            rich_table.add_column(SHORT_METRIC_LABELS.get(name, name), justify="right", no_wrap=True)
+        previous_group = None
+        for (group, subset), label in shown:
+            if group == MEAN_GROUP and previous_group not in (None, MEAN_GROUP):
+                rich_table.add_section()
+            previous_group = group
+            cells = [f"mean of {categories}" if group == MEAN_GROUP else group, *([label] if show_subset else [])]
+            for name in metric_names:
+                text = format_metric(table.rows[(group, subset)].get(name))
+                covered, total = coverage.get(subset, {}).get(name, (0, 0)) if group == MEAN_GROUP else (0, 0)
+                cells.append(text + ("*" if 0 < covered < total else ""))
+            rich_table.add_row(*cells, style="bold" if group == MEAN_GROUP else None)
+        console.print(rich_table)
+        printed.append(rich_table)
+    return printed
 
 
 def _wandb_loggers(logger: Any) -> list[Any]:

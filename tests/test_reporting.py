@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from lightning_modules.reporting import (
+    METRIC_ORDER,
     MapSample,
     MetricsTable,
     compute_mean_rows,
@@ -296,34 +297,76 @@ def test_save_map_panels_writes_rgb_pngs_at_documented_unique_paths(tmp_path):
 # ---------------------------------------------------------------- rich table
 
 
-def test_results_table_shows_categories_subsets_and_percentages():
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.split("│")[1:-1]]
+
+
+def test_results_tables_show_categories_subsets_and_percentages_one_table_per_view():
     console = Console(record=True, width=200)
     print_results_table(loco_table(), "MVTec LOCO", console=console)
     text = console.export_text()
     lines = text.splitlines()
-    assert "MVTec LOCO" in text
-    header = next(line for line in lines if "image_AUROC" in line)
-    assert header.index("image_AUROC") < header.index("image_AP") < header.index("pixel_sPRO")
-    assert "pixel_AUPRO" not in text  # absent metrics get no column
+    assert "MVTec LOCO: image" in text and "MVTec LOCO: pixel" in text
+    image_header = next(line for line in lines if "I-AUROC" in line)
+    assert image_header.index("I-AUROC") < image_header.index("I-AP") and "sPRO" not in image_header
+    pixel_header = next(line for line in lines if "sPRO" in line)
+    assert "I-AUROC" not in pixel_header and "AUPRO" not in text  # absent metrics get no column
     row = next(line for line in lines if "juice_bottle" in line and "logical" in line)
-    assert [cell.strip() for cell in row.split("│")[1:-1]] == ["juice_bottle", "logical", "70.0", "60.0", "–"]
+    assert _cells(row) == ["juice_bottle", "logical", "70.0", "60.0"]
     mean_row = next(line for line in lines if "mean" in line and "all" in line)
-    assert [cell.strip() for cell in mean_row.split("│")[3:6]] == ["75.0", "60.0", "37.5"]
-    assert lines.index(mean_row) > max(i for i, line in enumerate(lines) if "juice_bottle" in line)
-    assert mean_row.split("│")[1].strip() == "mean of 2"
-    logical_mean = next(line for line in lines if "mean" in line and "logical" in line)
-    assert logical_mean.split("│")[5].strip() == "12.5 (1/2)"  # only breakfast_box has a logical sPRO
-    assert "the mean covers n of the N categories" in text
+    assert _cells(mean_row)[2:] == ["75.0", "60.0"]
+    image_lines = lines[:lines.index(next(line for line in lines if "sPRO" in line))]
+    assert lines.index(mean_row) > max(i for i, line in enumerate(image_lines) if "juice_bottle" in line)
+    assert _cells(mean_row)[0] == "mean of 2"
+    pixel_lines = lines[lines.index(pixel_header):]
+    logical_mean = next(line for line in pixel_lines if "mean" in line and "logical" in line)
+    assert _cells(logical_mean)[2] == "12.5*"  # only breakfast_box has a logical sPRO
+    assert "* a mean over fewer categories: logical sPRO 1 of 2." in " ".join(text.split())
+    assert "I- image-level, P- pixel-level" in " ".join(text.split())
 
 
 def test_results_table_without_subsets_has_no_subset_column():
     console = Console(record=True, width=200)
-    rows = {("bottle", "all"): {"pixel_AUROC": 0.98765, "image_AUROC": NAN}}
+    rows = {("bottle", "all"): {"pixel_AUROC": 0.98765, "image_AUROC": NAN},
+            ("cable", "all"): {"pixel_AUROC": 0.5, "image_AUROC": 0.5}}
     print_results_table(MetricsTable({**rows, **compute_mean_rows(rows)}), "MVTec AD", console=console)
     text = console.export_text()
     assert "Subset" not in text
-    bottle = next(line for line in text.splitlines() if "bottle" in line)
-    assert [cell.strip() for cell in bottle.split("│")[1:-1]] == ["bottle", "–", "98.8"]
+    bottle = [line for line in text.splitlines() if "bottle" in line]
+    assert [_cells(line) for line in bottle] == [["bottle", "–"], ["bottle", "98.8"]]
+
+
+def test_results_tables_fit_80_columns_with_no_truncated_header_or_cell():
+    """What a log file (rich's 80 columns when not on a terminal) shows: every label and value whole."""
+    console = Console(record=True, width=80)
+    rows = {(category, subset): {name: 0.987654 for name in METRIC_ORDER}
+            for category in ("splicing_connectors", "breakfast_box") for subset in ("all", "logical", "structural")}
+    rows[("breakfast_box", "logical")]["pixel_sPRO"] = NAN
+    print_results_table(MetricsTable({**rows, **compute_mean_rows(rows)}),
+                        "Test results — runs/ULSAD_mvtec_loco_all_v12", console=console)
+    text = console.export_text()
+    assert "…" not in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+    for label in ("Category", "Subset", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "AUPRO", "sPRO",
+                  "splicing_connectors", "structural", "98.8*"):
+        assert label in text, label
+
+
+def test_results_tables_print_no_repeated_identical_rows():
+    """One category (no mean rows), and a category whose only subset equals its "all" row (woven_tiles)."""
+    console = Console(record=True, width=80)
+    single = {("bottle", "all"): {"image_AUROC": 0.9, "pixel_AUROC": 0.8}}
+    print_results_table(MetricsTable({**single, **compute_mean_rows(single)}), "one category", console=console)
+    assert "mean" not in console.export_text()
+    console = Console(record=True, width=80)
+    rows = {("woven_tiles", "all"): {"image_AUROC": 0.9}, ("woven_tiles", "structural"): {"image_AUROC": 0.9},
+            ("parts_tray", "all"): {"image_AUROC": 0.8}, ("parts_tray", "logical"): {"image_AUROC": 0.7},
+            ("parts_tray", "structural"): {"image_AUROC": 0.9}}
+    print_results_table(MetricsTable({**rows, **compute_mean_rows(rows)}), "embedded", console=console)
+    lines = console.export_text().splitlines()
+    assert [_cells(line) for line in lines if "woven_tiles" in line] == [["woven_tiles", "structural", "90.0"]]
+    assert len([line for line in lines if "parts_tray" in line]) == 3
+    assert len([line for line in lines if "mean" in line]) == 3  # all 85.0, logical 70.0 (1 of 2), structural 90.0
 
 
 # ---------------------------------------------------------------- W&B
