@@ -76,7 +76,9 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(known.checkpoint), verbose=False)
     results = cli.model.test_results or {}
     if cli.trainer.is_global_zero and results:
-        reporting.print_results_table(results["table"], title=f"Evaluation — {known.checkpoint}", console=Console())
+        console = Console()
+        console.print(f"Checkpoint: {known.checkpoint}", soft_wrap=True, highlight=False)
+        reporting.print_results_table(results["table"], title="Evaluation", console=console)
     return results
 
 

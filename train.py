@@ -49,8 +49,9 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
             trainer.test(model, datamodule=datamodule, verbose=False)
             results.update(model.test_results or {})
             if trainer.is_global_zero:
-                reporting.print_results_table(results["table"], title=f"Test results — {cli.run_dir}",
-                                              console=Console())
+                console = Console()
+                console.print(f"Run folder: {cli.run_dir}", soft_wrap=True, highlight=False)
+                reporting.print_results_table(results["table"], title=f"Test of {cli.run_dir.name}", console=console)
         return results
     finally:
         _finish_wandb(trainer)

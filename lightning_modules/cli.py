@@ -33,6 +33,7 @@ from datamodules.validate import DatasetError
 from lightning_modules import crad, efficientad, onenip, puad, ulsad  # noqa: F401
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
+from lightning_modules.upstream_noise import silence_upstream_noise
 from networks.anomaly_model import FittedSettingsMismatch
 
 RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
@@ -113,6 +114,7 @@ class AnomalyCLI(LightningCLI):
         self.run_dir: Path | None = None
         self.resume_checkpoint: str | None = None
         self.resume_step: int | None = None  # global step of the checkpoint a resumed run continues from
+        silence_upstream_noise()
         super().__init__(
             model_class=AnomalyDetector,
             subclass_mode_model=True,

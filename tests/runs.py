@@ -91,3 +91,13 @@ def assert_onnx_export_matches(checkpoint: Path, path: Path, image_size: int) ->
     anomaly_map, image_score = session.run(None, {"images": images.numpy()})
     np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())
+
+
+def assert_results_tables_whole(stdout: str) -> None:
+    """The results tables as a log file holds them (rich's 80 columns off a terminal): no line over 80 characters,
+    no truncated (…) header or cell, both views present."""
+    tables = stdout[stdout.index("Test of "):]
+    assert "…" not in tables, tables
+    assert max(len(line) for line in tables.splitlines()) <= 80, tables
+    for label in ("Category", "I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "AUPRO", "sPRO", "mean of 2"):
+        assert label in tables, (label, tables)

