@@ -68,7 +68,7 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"evaluate.py: no config {config}; pass --config with the training config")
     output_dir = known.output_dir or run_dir / "evaluate"
     with weights_restored_later():
-        cli = AnomalyCLI(args=["--config", str(config), "--wandb.mode=disabled", "--trainer.logger=false",
+        cli = AnomalyCLI(program="evaluate.py", args=["--config", str(config), "--wandb.mode=disabled", "--trainer.logger=false",
                                *overrides, f"--run.dir={output_dir}", "--run.resume=false"])
     cli.datamodule.prepare_data()
     cli.datamodule.setup("test")  # a bad dataset fails before the checkpoint is loaded

@@ -13,7 +13,9 @@ import inspect
 import netrc
 import os
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,8 +111,24 @@ def use_ieee_float32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def git_state(repository: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether the work tree has uncommitted changes) of the code, or (None, None) outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repository, capture_output=True, text=True,
+                              timeout=10, check=False)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repository,
+                                capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None, None
+    if head.returncode != 0 or status.returncode != 0:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
 class AnomalyCLI(LightningCLI):
-    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | None = None, program: str = "train.py", **kwargs: Any) -> None:
+        # What made this run, for config.yaml and W&B: the program and its arguments as given.
+        self.command = shlex.join([program, *(sys.argv[1:] if args is None else args)])
         self.run_dir: Path | None = None
         self.resume_checkpoint: str | None = None
         self.resume_step: int | None = None  # global step of the checkpoint a resumed run continues from
@@ -137,6 +155,10 @@ class AnomalyCLI(LightningCLI):
         parser.add_argument("--run.test", type=bool, default=True, help="Test after training.")
         parser.add_argument("--run.checkpoint_every_n_steps", type=int | None, default=None,
                             help="Also checkpoint within epochs (long epochs on real data).")
+        for key, kind in (("git_commit", str | None), ("git_dirty", bool | None), ("command", str | None)):
+            parser.add_argument(f"--run.{key}", type=kind, default=None,
+                                help="Recorded by the run itself (the code's git state, the command line); "
+                                     "a value given here is replaced.")
         parser.add_argument("--wandb.mode", type=str, default="auto",
                             help="auto (online with credentials, else offline) | online | offline | disabled")
         parser.add_argument("--wandb.project", type=str, default="anomaly-lab")
@@ -155,6 +177,8 @@ class AnomalyCLI(LightningCLI):
         self._one_image_size()
         self._detector_trainer_defaults()
         run = self.config.run
+        run.git_commit, run.git_dirty = git_state(Path(__file__).resolve().parents[1])
+        run.command = self.command
         self.run_dir = resolve_run_dir(run.output_root, run.name or self.default_run_name(), run.resume, run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config.trainer.default_root_dir = str(self.run_dir)

@@ -88,3 +88,30 @@ def test_a_failed_start_leaves_no_run_folder(bad, tmp_path, monkeypatch):
     with pytest.raises(Exception):  # noqa: B017 - a data error or a model error; the folder is what matters
         train(args)
     assert not (tmp_path / "runs" / "named").exists()
+
+
+def test_the_run_records_its_git_commit_and_command_line_in_the_config(tmp_path, monkeypatch):
+    """config.yaml in the run folder (and the W&B config, built from the same config) says which code and which
+    command made the run."""
+    import subprocess
+
+    import yaml
+
+    from lightning_modules.cli import AnomalyCLI
+    from tests import fake_trees
+    from tests.runs import REPO
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    root = fake_trees.make_mvtec_ad(tmp_path / "mvtec_ad")
+    args = ["--model=lightning_modules.ulsad.ULSAD", "--model.init_args.backbone=resnet18",
+            "--model.init_args.pretrained=false", "--model.init_args.feature_channels=64", "--data.layout=mvtec_ad",
+            f"--data.root={root}", "--data.image_size=128", f"--run.output_root={tmp_path / 'runs'}",
+            "--wandb.mode=disabled", "--model.init_args.alpha_local=0.0"]
+    cli = AnomalyCLI(args=args)
+    saved = yaml.safe_load(cli.save_resolved_config().read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    if head.returncode == 0:
+        assert saved["run"]["git_commit"] == head.stdout.strip()
+        assert isinstance(saved["run"]["git_dirty"], bool)
+    assert saved["run"]["command"].startswith("train.py --model=lightning_modules.ulsad.ULSAD ")
+    assert saved["run"]["command"].endswith("--model.init_args.alpha_local=0.0")
