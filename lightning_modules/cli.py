@@ -17,7 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +125,37 @@ def git_state(repository: Path) -> tuple[str | None, bool | None]:
     return head.stdout.strip(), bool(status.stdout.strip())
 
 
+# Command-line overrides that name an experimental setting (in W&B names, tags and groups); the rest are plumbing.
+SETTING_PREFIXES = ("model.init_args.", "data.", "seed_everything", "trainer.max_epochs", "trainer.max_steps",
+                    "trainer.precision")
+NOT_SETTINGS = ("data.root", "data.num_workers", "data.eval_batch_size", "data.texture_dir", "data.check_pixels")
+WANDB_TAG_LIMIT = 64  # W&B refuses longer tags
+
+
+def wandb_identity(run_name: str, args: Sequence[str]) -> tuple[str, list[str], str]:
+    """(run name, tags, group) for W&B from the settings given on the command line (`--key=value`).
+
+    A sweep run called `table3-004` becomes `table3-004 alpha_local=0.0 use_tie_loss=false ...`, one tag per
+    setting, and its group is the config plus every setting but the seed, so the seeds of one setting sit together.
+    """
+    config, settings = None, {}
+    for position, arg in enumerate(args):
+        if arg == "--config" and position + 1 < len(args):
+            config = args[position + 1]
+        key, equals, value = arg.removeprefix("--").partition("=")
+        if arg.startswith("--") and equals and key.startswith(SETTING_PREFIXES) and key not in NOT_SETTINGS:
+            settings["seed" if key == "seed_everything" else key.rsplit(".", 1)[-1]] = value
+    tags = [f"{key}={value}"[:WANDB_TAG_LIMIT] for key, value in settings.items()]
+    base = re.sub(r"^configs/|\.ya?ml$", "", str(config)) if config else run_name
+    group = " ".join([base, *(tag for tag in tags if not tag.startswith("seed="))])
+    return " ".join([run_name, *tags]), tags, group
+
+
 class AnomalyCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, program: str = "train.py", **kwargs: Any) -> None:
         # What made this run, for config.yaml and W&B: the program and its arguments as given.
-        self.command = shlex.join([program, *(sys.argv[1:] if args is None else args)])
+        self.arguments = list(sys.argv[1:] if args is None else args)
+        self.command = shlex.join([program, *self.arguments])
         self.run_dir: Path | None = None
         self.resume_checkpoint: str | None = None
         self.resume_step: int | None = None  # global step of the checkpoint a resumed run continues from
@@ -195,6 +222,10 @@ class AnomalyCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            # The whole resolved config goes to W&B once, nested, through the logger (and to config.yaml); Lightning
+            # would log the model's and data module's init arguments again as flat top-level keys.
+            self.model._log_hyperparams = False
+            self.datamodule._log_hyperparams = False
         except BaseException as error:
             self.release_run_dir()
             if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit
@@ -260,9 +291,10 @@ class AnomalyCLI(LightningCLI):
             mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
         if mode == "offline":
             rank_zero_warn("W&B runs offline (no credentials); `wandb sync` the run folder later to upload.")
+        name, tags, group = wandb_identity(self.run_dir.name, self.arguments)
         loggers.append(WandbLogger(
-            save_dir=str(self.run_dir), project=self.config.wandb.project, group=self.config.wandb.group,
-            tags=list(self.config.wandb.tags), name=self.run_dir.name, offline=(mode == "offline"),
+            save_dir=str(self.run_dir), project=self.config.wandb.project, group=self.config.wandb.group or group,
+            tags=[*self.config.wandb.tags, *tags], name=name, offline=(mode == "offline"),
             config=self.config.as_dict() if hasattr(self.config, "as_dict") else None,
         ))
         return loggers

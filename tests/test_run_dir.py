@@ -115,3 +115,32 @@ def test_the_run_records_its_git_commit_and_command_line_in_the_config(tmp_path,
         assert isinstance(saved["run"]["git_dirty"], bool)
     assert saved["run"]["command"].startswith("train.py --model=lightning_modules.ulsad.ULSAD ")
     assert saved["run"]["command"].endswith("--model.init_args.alpha_local=0.0")
+
+
+def test_wandb_run_name_tags_and_group_come_from_the_settings_on_the_command_line():
+    from lightning_modules.cli import wandb_identity
+
+    args = ["--config", "configs/ulsad/mvtec_loco.yaml", "--model.init_args.alpha_local=0.0",
+            "--model.init_args.use_tie_loss=false", "--data.categories=juice_bottle", "--seed_everything=1",
+            "--data.root=/data/loco", "--trainer.devices=2", "--run.name=table3-004", "--wandb.mode=offline"]
+    name, tags, group = wandb_identity("table3-004", args)
+    assert name == "table3-004 alpha_local=0.0 use_tie_loss=false categories=juice_bottle seed=1"
+    assert tags == ["alpha_local=0.0", "use_tie_loss=false", "categories=juice_bottle", "seed=1"]
+    assert group == "ulsad/mvtec_loco alpha_local=0.0 use_tie_loss=false categories=juice_bottle"  # seeds together
+    assert wandb_identity("ULSAD_embedded_all", ["--config", "configs/quickstart.yaml"]) == \
+        ("ULSAD_embedded_all", [], "quickstart")
+
+
+def test_the_config_goes_to_wandb_once_nested_not_again_as_module_hyperparameters(tmp_path, monkeypatch):
+    from lightning_modules.cli import AnomalyCLI
+    from tests import fake_trees
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    root = fake_trees.make_mvtec_ad(tmp_path / "mvtec_ad")
+    cli = AnomalyCLI(args=["--model=lightning_modules.ulsad.ULSAD", "--model.init_args.backbone=resnet18",
+                           "--model.init_args.pretrained=false", "--model.init_args.feature_channels=64",
+                           "--data.layout=mvtec_ad", f"--data.root={root}", "--data.image_size=128",
+                           f"--run.output_root={tmp_path / 'runs'}", "--wandb.mode=disabled"])
+    # Lightning logs model and data module hyperparameters to every logger unless told not to: flat duplicates
+    # of the nested config the W&B logger already holds.
+    assert cli.model._log_hyperparams is False and cli.datamodule._log_hyperparams is False
