@@ -31,6 +31,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules import metrics as M
 from lightning_modules import reporting
+from lightning_modules.progress import phase
 from lightning_modules.resume import CheckpointError
 from networks.anomaly_model import AnomalyModel
 
@@ -278,7 +279,8 @@ class AnomalyDetector(LightningModule, ABC):
             logger.log_hyperparams({"weights_source": self.weights_source})
 
     def on_train_start(self) -> None:
-        self.fit_training_statistics(self.trainer.datamodule.statistics_dataloader())
+        with phase("fitting the statistics training needs, on the training images"):
+            self.fit_training_statistics(self.trainer.datamodule.statistics_dataloader())
 
     def on_validation_epoch_start(self) -> None:
         self._calibration_outputs = []
@@ -293,7 +295,9 @@ class AnomalyDetector(LightningModule, ABC):
         collected = self._concat_and_gather(self._calibration_outputs)
         self._calibration_outputs = []
         datamodule = self.trainer.datamodule
-        self._fit_calibration_and_threshold(collected, datamodule.statistics_dataloader(), datamodule.val_dataloader())
+        with phase("calibrating (statistics and decision threshold) on the held-out normal images"):
+            self._fit_calibration_and_threshold(collected, datamodule.statistics_dataloader(),
+                                                datamodule.val_dataloader())
 
     # ------------------------------------------------------------------ testing
     def evaluation_map(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -371,7 +375,8 @@ class AnomalyDetector(LightningModule, ABC):
                 f"{len(paths)} of {len(records)} test images have NaN or infinite anomaly maps or scores (e.g. "
                 f"{', '.join(paths[:3])}); no metrics were computed from them. The training has probably diverged."
             )
-        table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
+        with phase(f"computing the metrics of {len(records)} test images"):
+            table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
         predicted = self.model.predicted_label(results["scores"].to(self.device)).cpu()
         score_rows = score_table(results, records, predicted)
         samples = self._gather_display_samples()

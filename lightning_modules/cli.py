@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -34,6 +34,7 @@ from datamodules.validate import DatasetError
 # Every detector is imported here so that --model=ULSAD (a short name) resolves and --help lists them all.
 from lightning_modules import crad, efficientad, onenip, puad, ulsad  # noqa: F401
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
+from lightning_modules.progress import PlainProgress, wants_plain_progress
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
 from lightning_modules.upstream_noise import silence_upstream_noise
 from networks.anomaly_model import FittedSettingsMismatch
@@ -275,8 +276,9 @@ class AnomalyCLI(LightningCLI):
         callbacks = list(self.config_init.trainer.get("callbacks") or [])
         # One rolling checkpoint, `last.ckpt`: what --run.resume continues from.
         callbacks.append(ResumeCheckpoint(checkpoint_dir / "last.ckpt", self.config.run.checkpoint_every_n_steps))
-        if not any(isinstance(c, RichProgressBar) for c in callbacks) and self.config.trainer.enable_progress_bar is not False:
-            callbacks.append(RichProgressBar())
+        if not any(isinstance(c, ProgressBar) for c in callbacks) and self.config.trainer.enable_progress_bar is not False:
+            # A live bar on a terminal; plain lines in a log file, where a live bar shows one line per run.
+            callbacks.append(PlainProgress() if wants_plain_progress() else RichProgressBar())
         return super().instantiate_trainer(callbacks=callbacks, logger=self._loggers(), **kwargs)
 
     def _loggers(self) -> list:

@@ -230,3 +230,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(embedded_roo
     curves = [(tmp_path / name / "csv" / "metrics.csv").read_text().splitlines() for name in ("uninterrupted", "killed")]
     assert len(curves[1]) == len(curves[0]) > 9  # the curve before the kill is kept, nothing is logged twice
     assert curves[1] == curves[0]
+
+
+def test_a_log_file_shows_progress_lines_and_every_long_phase(embedded_root, tmp_path):
+    """stdout to a pipe (as to a log file): plain progress lines instead of a live bar, and the phases between."""
+    result = run_script("train.py", *tiny_ulsad_args(embedded_root, tmp_path, "--trainer.max_epochs=2",
+                                                     "--trainer.enable_progress_bar=true", "--run.name=progress"))
+    lines = result.stdout.splitlines() + result.stderr.splitlines()
+    assert any(line.startswith("epoch 1/2 step 3/3: loss ") and "steps/s" in line for line in lines), lines
+    assert any(line.startswith("epoch 2/2 done in ") for line in lines)
+    for phase in ("fitting the statistics training needs", "calibrating (statistics and decision threshold)",
+                  "computing the metrics of 40 test images"):
+        assert any(line.startswith(f"{phase}") and "done in" in line for line in lines), phase
+    assert not any(line.startswith(("Epoch ", "Testing ", "Validation ")) for line in lines)  # no live rich bar
