@@ -390,6 +390,7 @@ class AnomalyDetector(LightningModule, ABC):
             out = Path(self.trainer.default_root_dir)
             reporting.write_metrics_json(out / "metrics.json", table, info)
             reporting.write_scores_csv(out / "scores.csv", score_rows)
+            reporting.write_curves_csv(out / "curves.csv", reporting.image_curves(score_rows))
             reporting.save_map_panels(out / "maps", samples, vmin, vmax)
             for logger in self.loggers:
                 if isinstance(logger, WandbLogger):

@@ -464,6 +464,36 @@ def print_results_table(table: MetricsTable, title: str, console: Console | None
     return printed
 
 
+def image_curves(score_rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Per category, the image-level ROC (fpr, tpr) and precision-recall (recall, precision) curves of the test
+    scores (torchmetrics). A category with one class or a non-finite score gets none."""
+    import torch
+    from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+    curves = {}
+    for category in sorted({str(row["category"]) for row in score_rows}):
+        rows = [row for row in score_rows if str(row["category"]) == category]
+        scores = torch.tensor([float(row["score"]) for row in rows], dtype=torch.float64)
+        labels = torch.tensor([int(row["label"]) for row in rows])
+        if len(set(labels.tolist())) < 2 or not bool(torch.isfinite(scores).all()):
+            continue
+        fpr, tpr, _ = binary_roc(scores, labels)  # sigmoid on scores outside [0, 1]: monotonic, same curve
+        precision, recall, _ = binary_precision_recall_curve(scores, labels)
+        curves[category] = {"roc": (fpr.tolist(), tpr.tolist()), "pr": (recall.tolist(), precision.tolist())}
+    return curves
+
+
+def write_curves_csv(path: str | Path, curves: Mapping[str, Mapping[str, tuple[list[float], list[float]]]]) -> None:
+    """curves.csv: category, curve (roc: x = false-positive rate, y = true-positive rate; pr: x = recall,
+    y = precision), x, y: what W&B's curve charts show, in the run folder."""
+    with Path(path).open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow(["category", "curve", "x", "y"])
+        for category, per_curve in curves.items():
+            for name, (xs, ys) in per_curve.items():
+                writer.writerows([category, name, repr(x), repr(y)] for x, y in zip(xs, ys))
+
+
 def _wandb_loggers(logger: Any) -> list[Any]:
     """The WandbLoggers in `logger` (one logger, a sequence such as `trainer.loggers`, or None)."""
     if logger is None:
@@ -530,6 +560,12 @@ def log_results_to_wandb(
         ],
     )
     payload: dict[str, Any] = {"test/per_category": per_category, "test/scores": scores}
+    curves = image_curves(score_rows)
+    for name, title, x_name in (("roc", "image ROC", "false-positive rate"), ("pr", "image precision-recall", "recall")):
+        if curves:
+            payload[f"test/{name}_image"] = wandb.plot.line_series(
+                xs=[curve[name][0] for curve in curves.values()], ys=[curve[name][1] for curve in curves.values()],
+                keys=list(curves), title=title, xname=x_name)
     for sample in samples:
         panel = render_map_panel(sample, vmin, vmax, caption=False)
         height, width = panel.shape[0], panel.shape[1] // 3

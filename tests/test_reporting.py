@@ -414,6 +414,7 @@ def test_wandb_offline_run_contains_tables_and_masked_maps(tmp_path, monkeypatch
             "predicted_label": 1,
         },
     ]
+    score_rows += [_score_row("juice_bottle", label, 0.1 + 0.5 * label, index) for index, label in enumerate([0, 1, 0])]
     samples = [make_sample(), make_sample(category="juice_bottle", stem="001")]
     logged = []
     original_log = logger.experiment.log
@@ -435,7 +436,10 @@ def test_wandb_offline_run_contains_tables_and_masked_maps(tmp_path, monkeypatch
     scores = json.loads(next(media.glob("table/test/scores*.table.json")).read_text())
     assert scores["columns"] == ["path", "category", "defect_type", "anomaly_kind", "label", "score",
                                  "predicted_label"]
-    assert [row[-2:] for row in scores["data"]] == [[0.25, 0], [None, 1]]
+    assert [row[-2:] for row in scores["data"] if row[1] == "pushpins"] == [[0.25, 0], [None, 1]]
+    # ROC and PR curves per category (pushpins has a NaN score: no curve)
+    roc = json.loads(next(media.glob("table/test/roc_image_table*.table.json")).read_text())
+    assert roc["columns"] == ["step", "lineKey", "lineVal"] and {row[1] for row in roc["data"]} == {"juice_bottle"}
     assert len(list(media.glob("images/test/maps/pushpins*.png"))) == 1
     assert len(list(media.glob("images/test/maps/juice_bottle*.png"))) == 1
     mask_file = next(media.glob("images/mask/test/maps/pushpins*.png"))
@@ -450,3 +454,35 @@ def test_panel_accepts_a_1xhxw_map_and_names_the_file_for_a_bad_shape():
     assert (heat == JET_TOP_RGB).all()
     with pytest.raises(ValueError, match=r"anomaly_map of .*005\.png.*\(2, 32, 32\)"):
         render_map_panel(make_sample(anomaly_map=np.zeros((2, 32, 32), np.float32)), 0.0, 1.0)
+
+
+def _score_row(category: str, label: int, score: float, index: int) -> dict:
+    return {"path": f"/d/{category}/{index:03d}.png", "category": category, "defect_type": "bad" if label else "good",
+            "anomaly_kind": "structural" if label else "good", "label": label, "score": score, "predicted_label": 0}
+
+
+def test_image_curves_per_category_have_the_metrics_auroc_and_go_to_a_csv(tmp_path):
+    import torch
+    from torchmetrics.functional.classification import binary_auroc
+
+    from lightning_modules.reporting import image_curves, write_curves_csv
+
+    generator = np.random.default_rng(0)
+    rows = [_score_row("bottle", int(i >= 10), float(generator.normal(i >= 10, 1.0)) * 5, i) for i in range(20)]
+    rows += [_score_row("cable", int(i % 2), float(i), i) for i in range(6)]
+    rows += [_score_row("only_good", 0, 0.5, i) for i in range(3)]  # one class: no curve
+    curves = image_curves(rows)
+    assert set(curves) == {"bottle", "cable"}
+    for category, curve in curves.items():
+        fpr, tpr = curve["roc"]
+        scores = torch.tensor([r["score"] for r in rows if r["category"] == category])
+        labels = torch.tensor([r["label"] for r in rows if r["category"] == category])
+        assert float(np.trapezoid(tpr, fpr)) == pytest.approx(float(binary_auroc(scores, labels)), abs=1e-6)
+        recall, precision = curve["pr"]
+        assert recall[0] == pytest.approx(1.0) and precision[-1] == pytest.approx(1.0)
+    write_curves_csv(tmp_path / "curves.csv", curves)
+    with (tmp_path / "curves.csv").open() as stream:
+        written = list(csv.DictReader(stream))
+    assert {row["curve"] for row in written} == {"roc", "pr"}
+    assert len([row for row in written if row["category"] == "cable" and row["curve"] == "roc"]) == \
+        len(curves["cable"]["roc"][0])
