@@ -13,6 +13,7 @@ memory figures. Every hook also runs without a Trainer (``calibrate``), which th
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from abc import ABC, abstractmethod
@@ -340,29 +341,35 @@ class AnomalyDetector(LightningModule, ABC):
         )
         self._keep_display_candidates(batch, anomaly_map, score)
 
+    # Why a test image is shown in maps/: (role, its label, whether the highest scores are kept, else the lowest).
+    DISPLAY_ROLES = (("detected", 1, True), ("missed", 1, False), ("false alarm", 0, True))
+
     def _keep_display_candidates(self, batch, anomaly_map: Tensor, score: Tensor) -> None:
-        """Keep, per category, the highest-scoring anomalous and normal images for the maps/ folder."""
-        limit = self.max_maps_per_category
-        if limit <= 0:
+        """Keep, per category, the best detections (highest-scoring anomalous images), the misses (lowest-scoring
+        anomalous images) and the false alarms (highest-scoring normal images) for the maps/ folder."""
+        cap = max(1, self.max_maps_per_category // 3)
+        if self.max_maps_per_category <= 0:
             return
         for i in range(anomaly_map.shape[0]):
-            label = int(batch["label"][i])
-            key = f"{batch['category'][i]}/{label}"
-            candidates = self._display_candidates.setdefault(key, [])
-            cap = limit - limit // 3 if label else max(1, limit // 3)
-            value = float(score[i])
-            if len(candidates) >= cap and value <= candidates[-1][0]:
-                continue
-            sample = reporting.MapSample(
-                image=batch["image"][i].float().permute(1, 2, 0).cpu().numpy(),
-                mask=batch["mask"][i, 0].float().cpu().numpy(),
-                anomaly_map=anomaly_map[i].cpu().numpy(),
-                path=batch["path"][i], category=batch["category"][i], defect_type=batch["defect_type"][i],
-                label=label, score=value,
-            )
-            candidates.append((value, sample))
-            candidates.sort(key=lambda item: -item[0])
-            del candidates[cap:]
+            label, value = int(batch["label"][i]), float(score[i])
+            sample = None
+            for role, role_label, highest in self.DISPLAY_ROLES:
+                if label != role_label:
+                    continue
+                candidates = self._display_candidates.setdefault(f"{batch['category'][i]}/{role}", [])
+                rank = -value if highest else value
+                if len(candidates) >= cap and rank >= candidates[-1][0]:
+                    continue
+                sample = sample or reporting.MapSample(
+                    image=batch["image"][i].float().permute(1, 2, 0).cpu().numpy(),
+                    mask=batch["mask"][i, 0].float().cpu().numpy(),
+                    anomaly_map=anomaly_map[i].cpu().numpy(),
+                    path=batch["path"][i], category=batch["category"][i], defect_type=batch["defect_type"][i],
+                    label=label, score=value,
+                )
+                candidates.append((rank, dataclasses.replace(sample, role=role)))
+                candidates.sort(key=lambda item: item[0])
+                del candidates[cap:]
 
     def on_test_epoch_end(self) -> None:
         results = self.test_store.compute().tensors
@@ -403,11 +410,15 @@ class AnomalyDetector(LightningModule, ABC):
             everyone: list[list[reporting.MapSample]] = [None] * torch.distributed.get_world_size()  # type: ignore
             torch.distributed.all_gather_object(everyone, local)
             local = [s for part in everyone for s in part]
-        limit = self.max_maps_per_category
+        cap = max(1, self.max_maps_per_category // 3)
         chosen: list[reporting.MapSample] = []
-        for key in sorted({(s.category, s.label) for s in local}):
-            group = sorted((s for s in local if (s.category, s.label) == key), key=lambda s: -s.score)
-            chosen += group[: (limit - limit // 3) if key[1] else max(1, limit // 3)]
+        for category in sorted({s.category for s in local}):
+            shown: set[str] = set()  # with few anomalies, a detection would also be a "miss": show it once
+            for role, _, highest in self.DISPLAY_ROLES:
+                group = sorted((s for s in local if s.category == category and s.role == role and s.path not in shown),
+                               key=lambda s: -s.score if highest else s.score)[:cap]
+                shown.update(s.path for s in group)
+                chosen += group
         return chosen
 
     def _speed_and_memory(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ Run folder layout written here:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,9 @@ SCORE_COLUMNS = ("path", "category", "defect_type", "anomaly_kind", "label", "sc
 HEATMAP_COLORMAP = cv2.COLORMAP_JET  # anomalib's choice; its top colour is dark red
 MASK_CONTOUR_RGB = (255, 0, 0)
 MISSING_VALUE_TEXT = "–"
+MIN_PANEL_SIZE = 256  # saved map panels are upscaled to at least this many pixels a side, so a caption reads
+PANEL_CAPTION_HEIGHT = 40  # the white caption strip above the saved panels
+COLOUR_BAR_WIDTH, COLOUR_BAR_LABEL_WIDTH = 24, 120
 
 RowKey = tuple[str, str]
 Rows = dict[RowKey, dict[str, float]]
@@ -273,6 +277,7 @@ class MapSample:  # one test image chosen for display
     defect_type: str
     label: int
     score: float
+    role: str = ""  # why it is shown: "detected" (a high-scoring anomaly), "missed" (a low-scoring one), "false alarm"
 
 
 def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
@@ -354,6 +359,52 @@ def render_map_panel(
     return np.concatenate([image, with_contour, blended], axis=1)
 
 
+def _upscaled(sample: MapSample, size: int) -> MapSample:
+    """The sample resized so its shorter side is at least `size` (image and map bilinear, mask nearest)."""
+    height, width = np.asarray(sample.image).shape[:2]
+    factor = max(1.0, size / min(height, width))
+    if factor == 1.0:
+        return sample
+    new_height, new_width = round(height * factor), round(width * factor)
+    image = cv2.resize(np.asarray(sample.image, np.float32), (new_width, new_height), interpolation=cv2.INTER_LINEAR)
+    mask = _resized(_as_2d(sample.mask, "mask", sample.path), new_height, new_width, cv2.INTER_NEAREST)
+    anomaly_map = _resized(_as_2d(sample.anomaly_map, "anomaly_map", sample.path), new_height, new_width,
+                           cv2.INTER_LINEAR)
+    return dataclasses.replace(sample, image=image, mask=mask, anomaly_map=anomaly_map)
+
+
+def _colour_bar(height: int, vmin: float, vmax: float) -> np.ndarray:
+    """The heatmap's scale beside the panels: the high end (anomalous) at the top, the low end at the bottom."""
+    levels = np.linspace(1.0, 0.0, height)[:, None] * (vmax - vmin) + vmin
+    bar = heatmap_rgb(np.repeat(levels, COLOUR_BAR_WIDTH, axis=1), vmin, vmax)
+    labels = np.full((height, COLOUR_BAR_LABEL_WIDTH, 3), 255, np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+    for text, y in ((f"{vmax:.3g}", 14), ("anomalous", 30), ("normal", height - 22), (f"{vmin:.3g}", height - 6)):
+        cv2.putText(labels, text, (4, y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([bar, labels], axis=1)
+
+
+def _caption_strip(width: int, text: str) -> np.ndarray:
+    """A white strip with `text` in black, shrunk only as far as needed to fit the width."""
+    strip = np.full((PANEL_CAPTION_HEIGHT, width, 3), 255, np.uint8)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.7
+    (text_width, _), _ = cv2.getTextSize(text, font, scale, 1)
+    if text_width > width - 8:
+        scale *= (width - 8) / text_width
+    cv2.putText(strip, text, (4, PANEL_CAPTION_HEIGHT - 13), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def presentation_panel(sample: MapSample, vmin: float, vmax: float, **render_options: Any) -> np.ndarray:
+    """What maps/ holds: the three panels at least MIN_PANEL_SIZE a side, a colour bar with the scale and its
+    meaning on the right, and the caption (why the image is shown, category, defect, score, file) above."""
+    panels = render_map_panel(_upscaled(sample, MIN_PANEL_SIZE), vmin, vmax, caption=False, **render_options)
+    body = np.concatenate([panels, _colour_bar(panels.shape[0], vmin, vmax)], axis=1)
+    role = f"{sample.role}: " if sample.role else ""
+    caption = f"{role}{caption_text(sample)} | {Path(sample.path).name}"
+    return np.concatenate([_caption_strip(body.shape[1], caption), body], axis=0)
+
+
 def _safe_name(name: str) -> str:
     """A file-system-safe path component (defect folder names can hold spaces or separators)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
@@ -362,12 +413,15 @@ def _safe_name(name: str) -> str:
 def save_map_panels(
     out_dir: str | Path, samples: Sequence[MapSample], vmin: float, vmax: float, **render_options: Any
 ) -> list[Path]:
-    """One PNG per sample at out_dir/<category>/<defect_type>_<stem>.png; a clash gets a _1, _2, ... suffix."""
+    """One PNG per sample (``presentation_panel``) at out_dir/<category>/[<role>_]<defect_type>_<stem>.png; a clash
+    gets a _1, _2, ... suffix."""
     out_dir = Path(out_dir)
     written: list[Path] = []
     used: set[Path] = set()
     for sample in samples:
         stem = f"{_safe_name(sample.defect_type)}_{_safe_name(Path(sample.path).stem)}"
+        if sample.role:
+            stem = f"{_safe_name(sample.role)}_{stem}"
         folder = out_dir / _safe_name(sample.category)
         target, counter = folder / f"{stem}.png", 0
         while target in used:
@@ -375,7 +429,7 @@ def save_map_panels(
             target = folder / f"{stem}_{counter}.png"
         used.add(target)
         folder.mkdir(parents=True, exist_ok=True)
-        panel = render_map_panel(sample, vmin, vmax, **render_options)
+        panel = presentation_panel(sample, vmin, vmax, **render_options)
         if not cv2.imwrite(str(target), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write the map panel {target}")
         written.append(target)
@@ -578,7 +632,8 @@ def log_results_to_wandb(
                     "class_labels": {1: "defect"},
                 }
             },
-            caption=f"{caption_text(sample)} | label {sample.label} | {Path(sample.path).name}",
+            caption=f"{sample.role + ': ' if sample.role else ''}{caption_text(sample)} | label {sample.label} | "
+                    f"{Path(sample.path).name}",
         )
         payload.setdefault(f"test/maps/{sample.category}", []).append(image)
     for wandb_logger in loggers:

@@ -153,7 +153,8 @@ def test_a_truncated_checkpoint_is_named_and_evaluation_leaves_no_empty_folders(
 
     evaluate(["--checkpoint", str(final), "--output_dir", str(tmp_path / "evaluation"),
               "--trainer.enable_progress_bar=false"])
-    assert sorted(path.name for path in (tmp_path / "evaluation").iterdir()) == ["maps", "metrics.json", "scores.csv"]
+    assert sorted(path.name for path in (tmp_path / "evaluation").iterdir()) == [
+        "curves.csv", "maps", "metrics.json", "scores.csv"]
 
 
 def test_a_checkpoint_from_before_the_model_contract_is_named_not_a_key_error(tmp_path):

@@ -12,6 +12,8 @@ from rich.console import Console
 
 from lightning_modules.reporting import (
     METRIC_ORDER,
+    MIN_PANEL_SIZE,
+    PANEL_CAPTION_HEIGHT,
     MapSample,
     MetricsTable,
     compute_mean_rows,
@@ -288,10 +290,23 @@ def test_save_map_panels_writes_rgb_pngs_at_documented_unique_paths(tmp_path):
         tmp_path / "maps" / "juice_bottle" / "good_000.png",
     ]
     first = cv2.cvtColor(cv2.imread(str(paths[0])), cv2.COLOR_BGR2RGB)
-    assert first.shape == (32, 96, 3)
-    assert (first[:, :32] == [255, 0, 0]).all()  # red on disk too (PNG is lossless)
+    # Each of the three panels at least 256 px; a caption strip above, a colour bar on the right.
+    top, size = PANEL_CAPTION_HEIGHT, MIN_PANEL_SIZE
+    assert first.shape[0] == top + size and first.shape[1] > 3 * size
+    assert (first[top:, :size] == [255, 0, 0]).all()  # red on disk too (PNG is lossless)
+    assert (first[:top] == 255).all(axis=-1).mean() > 0.8  # a white strip with dark text
+    assert (first[:top] < 128).all(axis=-1).any()
     second = cv2.imread(str(paths[1]))
-    assert (second[:, :32] == 0).all()
+    assert (second[top:, :size] == 0).all()
+
+
+def test_saved_panels_have_a_colour_bar_from_the_low_to_the_high_end_of_the_scale(tmp_path):
+    (path,) = save_map_panels(tmp_path, [make_sample()], vmin=0.0, vmax=1.0)
+    panel = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    top, size = PANEL_CAPTION_HEIGHT, MIN_PANEL_SIZE
+    column = panel[top + 2: top + size - 2, 3 * size + 10].astype(int)  # down the bar
+    assert column[0].tolist() == pytest.approx(JET_TOP_RGB, abs=40)  # high end (anomalous) at the top: dark red
+    assert column[-1][2] > 100 and column[-1][0] < 60  # low end (normal) at the bottom: blue
 
 
 # ---------------------------------------------------------------- rich table
@@ -486,3 +501,24 @@ def test_image_curves_per_category_have_the_metrics_auroc_and_go_to_a_csv(tmp_pa
     assert {row["curve"] for row in written} == {"roc", "pr"}
     assert len([row for row in written if row["category"] == "cable" and row["curve"] == "roc"]) == \
         len(curves["cable"]["roc"][0])
+
+
+def test_the_maps_show_detections_misses_and_false_alarms_per_category():
+    import torch
+
+    from tests.toy_detector import PatchColourDetector
+
+    detector = PatchColourDetector(image_size=16)
+    detector.max_maps_per_category = 6  # two of each role
+    detector._display_candidates = {}
+    labels = [1, 1, 1, 1, 1, 0, 0, 0, 0]
+    scores = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.2, 0.3, 0.95, 0.05, 0.4])
+    batch = {"image": torch.rand(9, 3, 16, 16), "mask": torch.zeros(9, 1, 16, 16), "label": torch.tensor(labels),
+             "path": [f"/d/c/{i}.png" for i in range(9)], "category": ["c"] * 9,
+             "defect_type": ["bad" if label else "good" for label in labels]}
+    for start, stop in ((0, 5), (5, 9)):  # two batches
+        part = {key: value[start:stop] for key, value in batch.items()}
+        detector._keep_display_candidates(part, torch.rand(stop - start, 16, 16), scores[start:stop])
+    chosen = {(sample.role, round(sample.score, 2)) for sample in detector._gather_display_samples()}
+    assert chosen == {("detected", 0.9), ("detected", 0.8), ("missed", 0.1), ("missed", 0.2),
+                      ("false alarm", 0.95), ("false alarm", 0.4)}
