@@ -37,8 +37,9 @@ class ULSAD(AnomalyDetector):
         beta_global: β, cosine weight of the tying loss and the global map.
         lambda_attn_cos: cosine weight of the attention loss; null ties it to β as the official code does (spec §8.1).
         use_attention_loss: false makes the autoencoder regress the features directly, D(F, A).
-        use_tie_loss: false drops the tying loss; the global map then becomes the attention-consistency
-            distance D(SA(F), CA(A, F)), since R_glb is untrained (spec §7).
+        use_tie_loss: false drops the tying loss; R_glb is then untrained, so the global map becomes the distance the
+            autoencoder was trained on: the attention consistency D(SA(F), CA(A, F)) (spec §7), or D(F, A) with
+            use_attention_loss false (Table 3 rows 2 and 7).
         frn_final_relu: keep the reference ReLU after the FRN's last layer (spec surprise #2).
         frn_hidden_scale: scale of the FRN's hidden widths (1.0 = the paper's network).
         q_low: lower map quantile of the normalisation, fitted on validation normal images.
@@ -87,7 +88,8 @@ class ULSAD(AnomalyDetector):
             weights_file=weights_file, image_size=image_size, feature_channels=feature_channels,
             frn_final_relu=frn_final_relu, frn_hidden_scale=frn_hidden_scale, alpha_local=alpha_local,
             beta_global=beta_global, attention_cosine_weight=beta_global if lambda_attn_cos is None else lambda_attn_cos,
-            use_tie_loss=use_tie_loss, map_blur_sigma=map_blur_sigma, combine_weights=combine_weights,
+            use_tie_loss=use_tie_loss, use_attention_loss=use_attention_loss, map_blur_sigma=map_blur_sigma,
+            combine_weights=combine_weights,
         )
         self.weights_source = self.model.weights_source
         self.feature_cache = FrozenFeatureCache(enabled=cache_features)

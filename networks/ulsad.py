@@ -177,11 +177,12 @@ class ULSADModel(AnomalyModel):
     images, spec §5) and the decision threshold of ``AnomalyModel``.
 
     Map settings (Table 3 switches, also recorded with the quantiles): ``alpha_local`` / ``beta_global``
-    are the cosine weights of the local and global distances; ``use_tie_loss=False`` makes the global
-    map the attention-consistency distance with weight ``attention_cosine_weight`` (spec §7).
+    are the cosine weights of the local and global distances. ``use_tie_loss=False`` makes the global map
+    the distance the global branch was trained on, with weight ``attention_cosine_weight``: the attention
+    consistency D(SA(F), CA(A, F)) (spec §7), or D(F, A) when ``use_attention_loss=False`` (Table 3 rows 2, 7).
     """
 
-    FITTED_SETTINGS = ("alpha_local", "beta_global", "attention_cosine_weight", "use_tie_loss",
+    FITTED_SETTINGS = ("alpha_local", "beta_global", "attention_cosine_weight", "use_tie_loss", "use_attention_loss",
                        "map_blur_sigma", "combine_weights")
 
     def __init__(
@@ -198,6 +199,7 @@ class ULSADModel(AnomalyModel):
         beta_global: float = 0.5,
         attention_cosine_weight: float = 0.5,
         use_tie_loss: bool = True,
+        use_attention_loss: bool = True,
         map_blur_sigma: float = 4.0,
         combine_weights: Sequence[float] = (0.5, 0.5),
     ) -> None:
@@ -210,6 +212,7 @@ class ULSADModel(AnomalyModel):
         self.feature_channels = feature_channels
         self.alpha_local, self.beta_global = alpha_local, beta_global
         self.attention_cosine_weight, self.use_tie_loss = attention_cosine_weight, use_tie_loss
+        self.use_attention_loss = use_attention_loss
         self.map_blur_sigma, self.combine_weights = map_blur_sigma, tuple(combine_weights)
         self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
         if self.feature_extractor.reductions[0] != 8:
@@ -304,9 +307,11 @@ class ULSADModel(AnomalyModel):
         local_map = feature_distance(features, outputs["local"], self.alpha_local)
         if self.use_tie_loss:
             global_map = feature_distance(autoencoder, outputs["global_support"], self.beta_global)
-        else:
+        elif self.use_attention_loss:
             global_map = feature_distance(attention_pool(features, features), attention_pool(autoencoder, features),
                                           self.attention_cosine_weight)
+        else:  # the autoencoder regressed the features: score what it learned
+            global_map = feature_distance(features, autoencoder, self.attention_cosine_weight)
         # Post-processing in float32: under bf16 autocast the blur's convolution would round the maps
         # to 8 mantissa bits, which creates ties between images and distorts the quantiles.
         with torch.autocast(device_type=images.device.type, enabled=False):

@@ -264,3 +264,26 @@ def test_feature_channels_can_average_but_not_invent_channels():
     network = ULSADModel("tf_efficientnet_lite0", ["blocks.2", "blocks.4"], pretrained=False, image_size=128,
                            feature_channels=152, frn_hidden_scale=0.25)
     assert network.extract_features(torch.rand(1, 3, 128, 128)).shape == (1, 152, 16, 16)
+
+
+@pytest.mark.parametrize("use_attention_loss", [True, False])
+def test_without_the_tie_loss_the_global_map_is_the_distance_the_global_branch_was_trained_on(use_attention_loss):
+    """Table 3 rows without the tie loss (issue 11): with the attention loss ("att") the global branch learned the
+    attention consistency, so the map is D(SA(F), CA(A, F)); with its feature-distance variant ("feat", rows 2 and
+    7) it learned D(F, A), and the map must be that, not the attention distance."""
+    torch.manual_seed(0)
+    network = ULSADModel("resnet18", pretrained=False, image_size=128, feature_channels=64, use_tie_loss=False,
+                         use_attention_loss=use_attention_loss, map_blur_sigma=0.0, attention_cosine_weight=0.25)
+    network.set_feature_statistics(torch.zeros(64), torch.ones(64))
+    network.eval()
+    images = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        _, global_map = network.raw_maps(images)
+        outputs = network.branch_outputs(images)
+        features, autoencoder = outputs["features"], outputs["autoencoder"]
+        if use_attention_loss:
+            expected = feature_distance(attention_pool(features, features), attention_pool(autoencoder, features), 0.25)
+        else:
+            expected = feature_distance(features, autoencoder, 0.25)
+        expected = F.interpolate(expected[:, None], size=(128, 128), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(global_map, expected)
