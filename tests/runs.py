@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Two CPU processes (gloo) in bf16: how the run tests train the unified detectors.
+DDP_BF16 = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
 
 
 def tiny_ulsad_args(embedded_root: Path, output_root: Path, *extra: str) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 
 from tests import fake_trees
 from tests.runs import (
+    DDP_BF16,
     REPO,
     assert_onnx_export_matches,
     assert_reevaluation_is_exact,
@@ -19,7 +20,6 @@ from tests.runs import (
 )
 
 pytestmark = pytest.mark.slow
-DDP = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
 
 
 def tiny_crad_args(layout: str, root: Path, output_root: Path, *extra: str) -> list[str]:
@@ -42,7 +42,7 @@ def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded
     else:
         root = fake_trees.make_mvtec_ad(tmp_path / "data", ("bottle", "cable"), n_train=12, n_test_good=3)
         categories, test_images = {"bottle", "cable"}, 12
-    run_script("train.py", *tiny_crad_args(layout, root, tmp_path / "runs", *DDP))
+    run_script("train.py", *tiny_crad_args(layout, root, tmp_path / "runs", *DDP_BF16))
     run_dir = tmp_path / "runs" / "crad"
     ddp = json.loads((run_dir / "metrics.json").read_text())
     assert set(ddp["per_category"]) == categories  # one model for every category

@@ -13,10 +13,9 @@ import torch
 from datamodules.datamodule import AnomalyDataModule
 from datamodules.dataset import AnomalyDataset
 from tests import fake_trees
-from tests.runs import REPO, assert_onnx_export_matches, assert_reevaluation_is_exact, run_script
+from tests.runs import DDP_BF16, REPO, assert_onnx_export_matches, assert_reevaluation_is_exact, run_script
 
 pytestmark = pytest.mark.slow
-DDP = ("--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=bf16-mixed")
 
 
 def tiny_onenip_args(layout: str, root: Path, output_root: Path, *extra: str) -> list[str]:
@@ -60,7 +59,7 @@ def test_ddp_bf16_training_then_exact_single_process_evaluation(layout, embedded
     else:
         root = fake_trees.make_mvtec_ad(tmp_path / "data", ("bottle", "cable"), n_train=12, n_test_good=3)
         categories, test_images = {"bottle", "cable"}, 12
-    run_script("train.py", *tiny_onenip_args(layout, root, tmp_path / "runs", *DDP))
+    run_script("train.py", *tiny_onenip_args(layout, root, tmp_path / "runs", *DDP_BF16))
     run_dir = tmp_path / "runs" / "onenip"
     ddp = json.loads((run_dir / "metrics.json").read_text())
     assert set(ddp["per_category"]) == categories  # one model for every category
