@@ -40,6 +40,9 @@ class ULSAD(AnomalyDetector):
         use_tie_loss: false drops the tying loss; R_glb is then untrained, so the global map becomes the distance the
             autoencoder was trained on: the attention consistency D(SA(F), CA(A, F)) (spec §7), or D(F, A) with
             use_attention_loss false (Table 3 rows 2 and 7).
+        global_branch: false trains and scores the local branch alone (Table 3 rows 1 and 6): no autoencoder, an FRN
+            that outputs R_loc only; beta_global, lambda_attn_cos, use_attention_loss, use_tie_loss and
+            combine_weights are then unused.
         frn_final_relu: keep the reference ReLU after the FRN's last layer (spec surprise #2).
         frn_hidden_scale: scale of the FRN's hidden widths (1.0 = the paper's network).
         q_low: lower map quantile of the normalisation, fitted on validation normal images.
@@ -67,6 +70,7 @@ class ULSAD(AnomalyDetector):
         lambda_attn_cos: float | None = None,
         use_attention_loss: bool = True,
         use_tie_loss: bool = True,
+        global_branch: bool = True,
         frn_final_relu: bool = True,
         frn_hidden_scale: float = 1.0,
         q_low: float = 0.9,
@@ -89,7 +93,7 @@ class ULSAD(AnomalyDetector):
             frn_final_relu=frn_final_relu, frn_hidden_scale=frn_hidden_scale, alpha_local=alpha_local,
             beta_global=beta_global, attention_cosine_weight=beta_global if lambda_attn_cos is None else lambda_attn_cos,
             use_tie_loss=use_tie_loss, use_attention_loss=use_attention_loss, map_blur_sigma=map_blur_sigma,
-            combine_weights=combine_weights,
+            combine_weights=combine_weights, global_branch=global_branch,
         )
         self.weights_source = self.model.weights_source
         self.feature_cache = FrozenFeatureCache(enabled=cache_features)
@@ -106,6 +110,8 @@ class ULSAD(AnomalyDetector):
     def loss_terms(self, features: Tensor, images: Tensor) -> dict[str, Tensor]:
         """The three ULSAD loss terms for standardised features F of a batch of images (spec §4)."""
         hp, model = self.hparams, self.model
+        if not model.global_branch:
+            return {"loss_local": feature_distance(features, model.frn(features), hp.alpha_local).mean()}
         local, global_support = model.frn(features).split(model.feature_channels, dim=1)
         autoencoder = model.autoencoder(images)
         terms = {"loss_local": feature_distance(features, local, hp.alpha_local).mean()}
@@ -137,11 +143,14 @@ class ULSAD(AnomalyDetector):
     # ------------------------------------------------------------------ calibration on held-out normal images
     def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         local_map, global_map = self.model.raw_maps(batch["image"][batch["label"] == 0])
+        if global_map is None:
+            return {"local": local_map.flatten(1)}
         return {"local": local_map.flatten(1), "global": global_map.flatten(1)}
 
     def fit_calibration(self, collected: dict[str, Tensor], training_batches: Iterable[dict[str, Any]]) -> None:
         """Map quantiles from the validation split's normal images (spec §5, minus the test-set leak)."""
-        self.model.set_map_quantiles(collected["local"], collected["global"], self.hparams.q_low, self.hparams.q_high)
+        self.model.set_map_quantiles(collected["local"], collected.get("global"), self.hparams.q_low,
+                                     self.hparams.q_high)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -75,12 +75,15 @@ class FeatureReconstructionNetwork(nn.Module):
     BN + ReLU after every other layer, including the output (surprise #2: the output is ≥ 0
     while the standardised target is signed); `final_relu=False` removes that last ReLU.
     `hidden_scale` scales the 768/1536 hidden widths (1.0 = the paper's network).
+    `double_output=False` outputs C channels, R_loc only (the official `double_channel=False`): the
+    local-only model of Table 3 rows 1 and 6, which has no global branch to support.
     """
 
-    def __init__(self, in_channels: int = 384, hidden_scale: float = 1.0, final_relu: bool = True) -> None:
+    def __init__(self, in_channels: int = 384, hidden_scale: float = 1.0, final_relu: bool = True,
+                 double_output: bool = True) -> None:
         super().__init__()
         wide, wider = round(2 * in_channels * hidden_scale), round(4 * in_channels * hidden_scale)
-        self.out_channels = 2 * in_channels
+        self.out_channels = 2 * in_channels if double_output else in_channels
         self.encoder = nn.Sequential(
             _conv_block(nn.Conv2d(in_channels, wide, 3, stride=2, padding=1), wide, relu=True),
             _conv_block(nn.Conv2d(wide, wider, 3, stride=2, padding=1), wider, relu=True),
@@ -180,10 +183,12 @@ class ULSADModel(AnomalyModel):
     are the cosine weights of the local and global distances. ``use_tie_loss=False`` makes the global map
     the distance the global branch was trained on, with weight ``attention_cosine_weight``: the attention
     consistency D(SA(F), CA(A, F)) (spec §7), or D(F, A) when ``use_attention_loss=False`` (Table 3 rows 2, 7).
+    ``global_branch=False`` is the local branch alone (Table 3 rows 1 and 6): no autoencoder, an FRN that
+    outputs R_loc only, and the normalised local map as the anomaly map (the global settings are unused).
     """
 
-    FITTED_SETTINGS = ("alpha_local", "beta_global", "attention_cosine_weight", "use_tie_loss", "use_attention_loss",
-                       "map_blur_sigma", "combine_weights")
+    FITTED_SETTINGS = ("global_branch", "alpha_local", "beta_global", "attention_cosine_weight", "use_tie_loss",
+                       "use_attention_loss", "map_blur_sigma", "combine_weights")
 
     def __init__(
         self,
@@ -202,6 +207,7 @@ class ULSADModel(AnomalyModel):
         use_attention_loss: bool = True,
         map_blur_sigma: float = 4.0,
         combine_weights: Sequence[float] = (0.5, 0.5),
+        global_branch: bool = True,
     ) -> None:
         super().__init__(image_size)
         if len(layers) != 2:
@@ -212,7 +218,7 @@ class ULSADModel(AnomalyModel):
         self.feature_channels = feature_channels
         self.alpha_local, self.beta_global = alpha_local, beta_global
         self.attention_cosine_weight, self.use_tie_loss = attention_cosine_weight, use_tie_loss
-        self.use_attention_loss = use_attention_loss
+        self.use_attention_loss, self.global_branch = use_attention_loss, global_branch
         self.map_blur_sigma, self.combine_weights = map_blur_sigma, tuple(combine_weights)
         self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
         if self.feature_extractor.reductions[0] != 8:
@@ -229,9 +235,9 @@ class ULSADModel(AnomalyModel):
                 f"({available} keeps every channel)."
             )
         self.frn = FeatureReconstructionNetwork(
-            feature_channels, hidden_scale=frn_hidden_scale, final_relu=frn_final_relu
+            feature_channels, hidden_scale=frn_hidden_scale, final_relu=frn_final_relu, double_output=global_branch
         )
-        self.autoencoder = GlobalAutoencoder(feature_channels, image_size)
+        self.autoencoder = GlobalAutoencoder(feature_channels, image_size) if global_branch else None
         self.register_buffer("feature_mean", torch.zeros(1, feature_channels, 1, 1))
         self.register_buffer("feature_std", torch.zeros(1, feature_channels, 1, 1))
         self.register_buffer("constant_feature_channels", torch.zeros((), dtype=torch.long))
@@ -286,7 +292,7 @@ class ULSADModel(AnomalyModel):
         """Run all three networks. Pass `features_raw` (from `extract_features`) to reuse cached backbone features.
 
         Returns features F (standardised target), local R_loc, global_support R_glb and
-        autoencoder A, each B×C×(S/8)².
+        autoencoder A, each B×C×(S/8)²; without the global branch, F and R_loc only.
         """
         if not torch.jit.is_tracing() and tuple(images.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(
@@ -295,16 +301,24 @@ class ULSADModel(AnomalyModel):
         if features_raw is None:
             features_raw = self.extract_features(images)
         features = self.standardize(features_raw)
+        if not self.global_branch:
+            return {"features": features, "local": self.frn(features)}
         local, global_support = self.frn(features).split(self.feature_channels, dim=1)
         return {"features": features, "local": local, "global_support": global_support,
                 "autoencoder": self.autoencoder(images)}
 
     # ------------------------------------------------------------------ maps
-    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local and global maps (B×1×S×S), upsampled to the input size and blurred, before normalisation."""
+    def raw_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Local and global maps (B×1×S×S), upsampled to the input size and blurred, before normalisation.
+
+        Without the global branch the global map is None.
+        """
         outputs = self.branch_outputs(images)
-        features, autoencoder = outputs["features"], outputs["autoencoder"]
+        features = outputs["features"]
         local_map = feature_distance(features, outputs["local"], self.alpha_local)
+        if not self.global_branch:
+            return self._upsample_and_blur(images, local_map), None
+        autoencoder = outputs["autoencoder"]
         if self.use_tie_loss:
             global_map = feature_distance(autoencoder, outputs["global_support"], self.beta_global)
         elif self.use_attention_loss:
@@ -312,12 +326,16 @@ class ULSADModel(AnomalyModel):
                                           self.attention_cosine_weight)
         else:  # the autoencoder regressed the features: score what it learned
             global_map = feature_distance(features, autoencoder, self.attention_cosine_weight)
-        # Post-processing in float32: under bf16 autocast the blur's convolution would round the maps
-        # to 8 mantissa bits, which creates ties between images and distorts the quantiles.
+        maps = self._upsample_and_blur(images, torch.stack([local_map, global_map], dim=1))
+        return maps[:, :1], maps[:, 1:]
+
+    def _upsample_and_blur(self, images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """B×h×w or B×K×h×w maps → B×K×S×S. Float32: under bf16 autocast the blur's convolution would round
+        the maps to 8 mantissa bits, which creates ties between images and distorts the quantiles."""
         with torch.autocast(device_type=images.device.type, enabled=False):
-            maps = torch.stack([local_map, global_map], dim=1).float()  # B×2×h×w
+            maps = maps.float() if maps.dim() == 4 else maps.float().unsqueeze(1)
             maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            return self._blur(maps[:, :1]), self._blur(maps[:, 1:])
+            return self._blur(maps)
 
     def _blur(self, maps: torch.Tensor) -> torch.Tensor:
         sigma = self.map_blur_sigma
@@ -327,17 +345,23 @@ class ULSADModel(AnomalyModel):
         return gaussian_blur(maps, kernel_size=[kernel, kernel], sigma=[sigma, sigma])
 
     @torch.no_grad()
-    def set_map_quantiles(self, local_values: torch.Tensor, global_values: torch.Tensor,
+    def set_map_quantiles(self, local_values: torch.Tensor, global_values: torch.Tensor | None,
                           q_low: float, q_high: float) -> None:
-        """(q_low, q_high) quantiles of each branch's maps on held-out normal images (spec §5)."""
-        fitted = [subsampled_quantiles(values, [q_low, q_high]) for values in (local_values, global_values)]
-        self.map_quantiles.copy_(torch.cat(fitted).to(self.map_quantiles.device))
+        """(q_low, q_high) quantiles of each branch's maps on held-out normal images (spec §5).
+
+        Without the global branch its pair stays (0, 0): it is never used.
+        """
+        fitted = [subsampled_quantiles(values, [q_low, q_high]) for values in (local_values, global_values)
+                  if values is not None]
+        self.map_quantiles[: 2 * len(fitted)].copy_(torch.cat(fitted).to(self.map_quantiles.device))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         """0.1·(M − q_low)/(q_high − q_low) per branch (linear, so it commutes with the blur, spec §5.7), fused."""
         local_map, global_map = self.raw_maps(images)
         q = self.map_quantiles
         local_map = 0.1 * (local_map - q[0]) / (q[1] - q[0])
+        if global_map is None:  # the local branch alone
+            return AnomalyOutput(local_map, local_map.amax(dim=(-3, -2, -1)))
         global_map = 0.1 * (global_map - q[2]) / (q[3] - q[2])
         w_local, w_global = self.combine_weights
         anomaly_map = w_local * local_map + w_global * global_map

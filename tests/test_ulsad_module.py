@@ -159,3 +159,49 @@ def test_fitted_statistics_are_in_the_state_dict():
     fresh.model.feature_std.zero_()
     fresh.load_state_dict(state)
     assert fresh.model.feature_statistics_fitted and torch.equal(fresh.model.map_quantiles, detector.model.map_quantiles)
+
+
+# ---------------------------------------------------------------------------------------------- local branch only
+def test_local_only_model_has_no_global_branch_and_an_frn_sized_for_the_local_output(images):
+    """Table 3 rows 1 and 6: no autoencoder at all, the FRN's last layer outputs C channels (not 2C)."""
+    full, local_only = make_detector(), make_detector(global_branch=False)
+    assert not any(key.startswith("model.autoencoder.") for key in local_only.state_dict())
+    assert local_only.model.frn.decoder[-1][0].out_channels == 384
+    assert full.model.frn.decoder[-1][0].out_channels == 768
+    removed = sum(p.numel() for p in full.model.autoencoder.parameters())
+    last_full, last_local = full.model.frn.decoder[-1], local_only.model.frn.decoder[-1]
+    removed += sum(p.numel() for p in last_full.parameters()) - sum(p.numel() for p in last_local.parameters())
+    trained = [sum(p.numel() for p in d.model.parameters() if p.requires_grad) for d in (full, local_only)]
+    assert trained[0] - trained[1] == removed
+    with torch.no_grad():
+        assert local_only.model.frn(loss_inputs(local_only, images)).shape[1] == 384
+
+
+def test_local_only_loss_is_the_local_distance_alone(images):
+    detector = make_detector(global_branch=False, alpha_local=0.5)
+    features = loss_inputs(detector, images)
+    terms = detector.loss_terms(features, images)
+    assert set(terms) == {"loss_local"}
+    with torch.no_grad():
+        local = detector.model.frn(features)
+    assert terms["loss_local"].item() == pytest.approx(plain_distance(features, local, 0.5).mean().item(), rel=1e-4)
+
+
+def test_local_only_map_is_the_normalised_local_map(images):
+    detector = make_detector(global_branch=False, alpha_local=0.0)
+    detector.eval()
+    with torch.no_grad():
+        local_map, global_map = detector.model.raw_maps(images)
+    assert global_map is None
+    detector.fit_calibration({"local": local_map.flatten(1)}, training_batches=[])
+    q = detector.model.map_quantiles
+    assert torch.allclose(q[0], torch.quantile(local_map.flatten(), 0.9))
+    assert detector.model.statistics_fitted()
+    with torch.no_grad():
+        output = detector.model(images)
+        features = detector.model.standardize(detector.model.extract_features(images))
+        distance = ((features - detector.model.frn(features)) ** 2).mean(1, keepdim=True)  # α = 0: plain L2
+    upsampled = F.interpolate(distance, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    assert torch.allclose(local_map, detector.model._blur(upsampled), atol=1e-5)
+    assert torch.allclose(output.anomaly_map, 0.1 * (local_map - q[0]) / (q[1] - q[0]), atol=1e-6)
+    assert torch.allclose(output.image_score, output.anomaly_map.amax(dim=(-3, -2, -1)))
