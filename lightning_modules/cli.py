@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -127,10 +128,24 @@ def git_state(repository: Path) -> tuple[str | None, bool | None]:
 
 
 # Command-line overrides that name an experimental setting (in W&B names, tags and groups); the rest are plumbing.
-SETTING_PREFIXES = ("model.init_args.", "data.", "seed_everything", "trainer.max_epochs", "trainer.max_steps",
+SETTING_PREFIXES = ("model.init_args", "data.", "seed_everything", "trainer.max_epochs", "trainer.max_steps",
                     "trainer.precision")
 NOT_SETTINGS = ("data.root", "data.num_workers", "data.eval_batch_size", "data.texture_dir", "data.check_pixels")
 WANDB_TAG_LIMIT = 64  # W&B refuses longer tags
+
+
+def _mapping_entries(value: str) -> dict[str, str] | None:
+    """`{alpha_local: 0.0, use_tie_loss: false}` (or W&B's `{'alpha_local': 0.0, 'use_tie_loss': False}`) →
+    {"alpha_local": "0.0", "use_tie_loss": "false"}; None for a value that is not a mapping."""
+    if not value.startswith("{"):
+        return None
+    try:
+        mapping = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(mapping, dict):
+        return None
+    return {str(key): (str(item).lower() if isinstance(item, bool) else str(item)) for key, item in mapping.items()}
 
 
 def wandb_identity(run_name: str, args: Sequence[str]) -> tuple[str, list[str], str]:
@@ -145,7 +160,11 @@ def wandb_identity(run_name: str, args: Sequence[str]) -> tuple[str, list[str], 
             config = args[position + 1]
         key, equals, value = arg.removeprefix("--").partition("=")
         if arg.startswith("--") and equals and key.startswith(SETTING_PREFIXES) and key not in NOT_SETTINGS:
-            settings["seed" if key == "seed_everything" else key.rsplit(".", 1)[-1]] = value
+            entries = _mapping_entries(value)
+            if entries is not None:  # a study row, several settings at once: name it by its entries
+                settings.update(entries)
+            else:
+                settings["seed" if key == "seed_everything" else key.rsplit(".", 1)[-1]] = value
     tags = [f"{key}={value}"[:WANDB_TAG_LIMIT] for key, value in settings.items()]
     base = re.sub(r"^configs/|\.ya?ml$", "", str(config)) if config else run_name
     group = " ".join([base, *(tag for tag in tags if not tag.startswith("seed="))])

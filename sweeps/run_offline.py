@@ -1,7 +1,8 @@
 """Run a W&B sweep YAML on one machine, without a W&B server.
 
     python sweeps/run_offline.py sweeps/ulsad_table3_ablation.yaml [--max-runs N] [--dry-run]
-        [--output-root runs/sweeps/<sweep name>] [--seed 0] [--extra --data.root=/data/mvtec_ad ...]
+        [--output-root runs/sweeps/<sweep name>] [--seed 0] [--values data.categories=a,b ...]
+        [--extra --data.root=/data/mvtec_ad ...]
 
 The W&B agent needs the sweep controller on the server; this runner reads the SAME YAML and plays
 the controller's part locally: a grid becomes every combination of the `values` lists, random and
@@ -191,7 +192,7 @@ def render_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple, dict)):
-        return yaml.safe_dump(_plain(value), default_flow_style=True, width=2**31).strip()
+        return yaml.safe_dump(_plain(value), default_flow_style=True, width=2**31, sort_keys=False).strip()
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -333,10 +334,35 @@ def write_runs_csv(path: Path, records: Sequence[RunRecord], earlier_rows: Seque
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
+def parse_values(text: str) -> tuple[str, list[Any]]:
+    """`data.categories=parts_tray,woven_tiles` → ("data.categories", ["parts_tray", "woven_tiles"]), each item
+    read as YAML (`0.5` a number, `false` a boolean)."""
+    key, equals, items = text.partition("=")
+    if not equals or not key or not items:
+        raise SweepError(f"--values needs KEY=V1,V2,..., got {text!r}")
+    try:
+        values = yaml.safe_load(f"[{items}]")
+    except yaml.YAMLError as error:
+        raise SweepError(f"--values {text!r}: the values are not a YAML list: {error}") from error
+    return key, values
+
+
+def with_values(sweep: Mapping[str, Any], overrides: Mapping[str, Sequence[Any]], path: str | Path) -> dict[str, Any]:
+    """The sweep with some parameters' values replaced or added (`--values`): the categories of another dataset,
+    or `seed_everything` for repeats. An added key must be a CLI key of train.py (it fails there otherwise)."""
+    parameters = dict(sweep["parameters"])
+    for key, values in overrides.items():
+        if not values:
+            raise SweepError(f"--values {key}: no values given")
+        parameters[key] = {"values": list(values)}
+    return {**sweep, "parameters": parameters}
+
+
 def plan_sweep(sweep_path: str | Path, output_root: str | Path | None = None, max_runs: int | None = None,
-               seed: int = 0, extra: Sequence[str] = ()) -> tuple[Path, list[RunRecord]]:
+               seed: int = 0, extra: Sequence[str] = (),
+               values: Mapping[str, Sequence[Any]] | None = None) -> tuple[Path, list[RunRecord]]:
     """(absolute output root, one pending RunRecord per point with its full command line)."""
-    sweep = load_sweep(sweep_path)
+    sweep = with_values(load_sweep(sweep_path), values or {}, sweep_path)
     name = sweep_name(sweep_path)
     root = Path(output_root if output_root is not None else Path("runs") / "sweeps" / name).resolve()
     points = sweep_points(sweep, max_runs=max_runs, seed=seed)
@@ -351,10 +377,10 @@ def plan_sweep(sweep_path: str | Path, output_root: str | Path | None = None, ma
 
 def run_sweep(sweep_path: str | Path, output_root: str | Path | None = None, max_runs: int | None = None,
               seed: int = 0, extra: Sequence[str] = (), dry_run: bool = False,
-              console: Console | None = None) -> list[RunRecord]:
+              console: Console | None = None, values: Mapping[str, Sequence[Any]] | None = None) -> list[RunRecord]:
     """Run every point one after another; a failure is recorded and the sweep goes on."""
     console = console or Console()
-    root, records = plan_sweep(sweep_path, output_root, max_runs, seed, extra)
+    root, records = plan_sweep(sweep_path, output_root, max_runs, seed, extra, values)
     if dry_run:
         for record in records:
             console.print(shlex.join(record.command), markup=False, highlight=False, soft_wrap=True)
@@ -372,7 +398,7 @@ def run_sweep(sweep_path: str | Path, output_root: str | Path | None = None, max
         write_runs_csv(csv_path, records, earlier_rows)
     counts = {status: sum(record.status == status for record in records) for status in ("finished", "skipped", "failed")}
     console.print(f"{len(records)} runs: {counts['finished']} finished, {counts['skipped']} skipped "
-                  f"(already done), {counts['failed']} failed; table: python sweeps/report.py {root}")
+                  f"(already done), {counts['failed']} failed; table: python sweeps/report.py {root} --study {sweep_path}")
     return records
 
 
@@ -428,6 +454,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     parser.add_argument("--output-root", type=Path, default=None, help="default runs/sweeps/<sweep name>")
     parser.add_argument("--seed", type=int, default=0, help="seed for random/bayes sampling")
+    parser.add_argument("--values", action="append", default=[], metavar="KEY=V1,V2",
+                        help="replace (or add) a parameter's values, e.g. data.categories=parts_tray to run a LOCO study on "
+                             "the embedded dataset, or seed_everything=0,1 for more seeds; repeatable")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="everything after this goes to every train.py command line (must come last)")
     return parser.parse_args(argv)
@@ -436,7 +465,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_arguments(argv)
     try:
-        records = run_sweep(args.sweep, args.output_root, args.max_runs, args.seed, args.extra, args.dry_run)
+        values = dict(parse_values(text) for text in args.values)
+        records = run_sweep(args.sweep, args.output_root, args.max_runs, args.seed, args.extra, args.dry_run,
+                            values=values)
     except SweepError as error:
         Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False)
         return 2

@@ -144,3 +144,14 @@ def test_the_config_goes_to_wandb_once_nested_not_again_as_module_hyperparameter
     # Lightning logs model and data module hyperparameters to every logger unless told not to: flat duplicates
     # of the nested config the W&B logger already holds.
     assert cli.model._log_hyperparams is False and cli.datamodule._log_hyperparams is False
+
+
+def test_a_setting_given_as_a_mapping_names_the_run_by_its_entries():
+    """A study row (`--model.init_args={alpha_local: 0.0, global_branch: false}`, either rendering) is its entries."""
+    from lightning_modules.cli import wandb_identity
+
+    for row in ("{alpha_local: 0.0, global_branch: false}", "{'alpha_local': 0.0, 'global_branch': False}"):
+        args = ["--config", "configs/ulsad/mvtec_loco.yaml", f"--model.init_args={row}", "--seed_everything=2"]
+        name, tags, group = wandb_identity("table3-001", args)
+        assert tags[:2] == ["alpha_local=0.0", "global_branch=false"] and tags[2] == "seed=2"
+        assert group == "ulsad/mvtec_loco alpha_local=0.0 global_branch=false"

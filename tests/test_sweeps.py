@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,16 @@ SWEEP_FILES = sorted(SWEEPS_DIR.glob("*.yaml"))
 GRID_SWEEP_FILES = [path for path in SWEEP_FILES if yaml.safe_load(path.read_text()).get("method") == "grid"]
 EXPECTED_SWEEPS = {"ulsad_table3_ablation", "ulsad_hparams", "ulsad_mvtec_ad_categories", "puad_ablation"}
 REPRESENTATIVE_SWEEP = SWEEPS_DIR / "ulsad_table3_ablation.yaml"
+LOCO_CATEGORIES = ["breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"]
+# The top-level keys and parameter forms of W&B's sweep configuration schema (wandb/sweeps, config/schema.json,
+# read 2026-11-29): the schema has `additionalProperties: false` at the top and in every parameter form.
+WANDB_TOP_LEVEL_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job", "image_uri", "entity",
+                        "project", "method", "command", "name", "run_cap", "metric", "metrics", "scheduler",
+                        "early_terminate", "parameters"}
+WANDB_PARAMETER_FORMS = [{"values"}, {"values", "distribution"}, {"values", "probabilities"},
+                         {"values", "probabilities", "distribution"}, {"value"}, {"value", "distribution"},
+                         {"min", "max"}, {"min", "max", "distribution"}, {"min", "max", "q", "distribution"},
+                         {"mu", "sigma", "distribution"}, {"mu", "sigma", "q", "distribution"}]
 MVTEC_AD_CATEGORIES = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
                        "screw", "tile", "toothbrush", "transistor", "wood", "zipper"]
 
@@ -48,6 +59,8 @@ def _candidate_values(spec: dict) -> list[Any]:
 
 
 def _same_value(parsed: Any, expected: Any) -> bool:
+    if isinstance(expected, dict):  # a study row: every entry arrives (jsonargparse gives a Namespace)
+        return all(_same_value(parsed[key], value) for key, value in expected.items())
     if isinstance(expected, bool) or expected is None:
         return parsed is expected
     if isinstance(expected, (int, float)):
@@ -72,7 +85,11 @@ def test_sweep_yaml_is_a_train_py_sweep_with_flat_cli_keys(sweep_path: Path):
     assert (REPO_ROOT / _config_of(sweep)).is_file(), f"{sweep_path.name}: {_config_of(sweep)} does not exist"
     assert sweep["metric"] == {"name": "test/mean/image_AUROC", "goal": "maximize"}
     assert sweep["method"] in ("grid", "random", "bayes")
+    assert set(sweep) <= WANDB_TOP_LEVEL_KEYS, f"{sweep_path.name}: not W&B keys {set(sweep) - WANDB_TOP_LEVEL_KEYS}"
+    assert isinstance(sweep.get("description", ""), str)
     for key, spec in sweep["parameters"].items():
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key), f"{sweep_path.name}: W&B refuses the name {key}"
+        assert set(spec) in WANDB_PARAMETER_FORMS, f"{sweep_path.name}: {key} is no W&B parameter form: {set(spec)}"
         assert "." in key or key == "seed_everything", f"{sweep_path.name}: {key} is not a dotted CLI key"
         assert set(spec) & {"value", "values", "min"}, f"{sweep_path.name}: {key} has no values"
         # W&B renders None as the text "None", which jsonargparse does not read as null.
@@ -81,21 +98,33 @@ def test_sweep_yaml_is_a_train_py_sweep_with_flat_cli_keys(sweep_path: Path):
             assert set(spec) & {"value", "values"}, f"{sweep_path.name}: grid parameter {key} needs values"
 
 
-def test_table3_grid_covers_every_switch_setting_for_every_mvtec_ad_category():
+TABLE3_ROWS = [  # (global branch, α, β, tie, att) of the paper's rows 1-10, in order (the issue's table)
+    (False, 0.0, None, None, None), (True, 0.0, 0.0, False, False), (True, 0.0, 0.0, False, True),
+    (True, 0.0, 0.0, True, False), (True, 0.0, 0.0, True, True), (False, 0.5, None, None, None),
+    (True, 0.5, 0.5, False, False), (True, 0.5, 0.5, False, True), (True, 0.5, 0.5, True, False),
+    (True, 0.5, 0.5, True, True)]
+TABLE3_PAPER = [(77.67, 75.17, 73.37), (77.69, 79.77, 75.26), (71.67, 73.92, 67.22), (81.40, 82.12, 77.47),
+                (81.08, 81.97, 76.45), (79.14, 76.57, 73.41), (80.50, 81.85, 77.35), (74.51, 76.59, 69.01),
+                (82.19, 81.25, 75.50), (84.10, 80.06, 73.73)]
+
+
+def test_table3_study_is_the_papers_ten_rows_on_mvtec_loco_in_the_papers_order():
     sweep = run_offline.load_sweep(REPRESENTATIVE_SWEEP)
+    assert _config_of(sweep) == "configs/ulsad/mvtec_loco.yaml"
     points = run_offline.sweep_points(sweep)
-    assert len(points) == 2 * 2 * 2 * 2 * 15
-    settings = {(p["model.init_args.alpha_local"], p["model.init_args.beta_global"],
-                 p["model.init_args.use_attention_loss"], p["model.init_args.use_tie_loss"]) for p in points}
-    assert settings == {(a, b, att, tie) for a in (0.5, 0.0) for b in (0.5, 0.0)
-                        for att in (True, False) for tie in (True, False)}
-    # W&B's order (data.categories sorts first, so it varies slowest): the first 16 points are every setting on
-    # bottle. sweeps/README.md's index rule: index = 16 * c + s, s = 8[alpha=0] + 4[beta=0] + 2[no attention] + [no tie].
-    assert {p["data.categories"] for p in points[:16]} == {"bottle"}
+    assert len(points) == 10 * 5
+    rows = [(row.get("global_branch", True), row["alpha_local"], row.get("beta_global"), row.get("use_tie_loss"),
+             row.get("use_attention_loss")) for row in sweep["parameters"]["model.init_args"]["values"]]
+    assert rows == TABLE3_ROWS
+    # W&B's order: data.categories sorts before model.init_args, so the category varies slowest: index = 10·c + r.
     for index, point in enumerate(points):
-        s = (8 * (point["model.init_args.alpha_local"] == 0.0) + 4 * (point["model.init_args.beta_global"] == 0.0)
-             + 2 * (not point["model.init_args.use_attention_loss"]) + (not point["model.init_args.use_tie_loss"]))
-        assert index == 16 * MVTEC_AD_CATEGORIES.index(point["data.categories"]) + s
+        assert point["data.categories"] == LOCO_CATEGORIES[index // 10]
+        assert point["model.init_args"] == sweep["parameters"]["model.init_args"]["values"][index % 10]
+    study = report.load_study(REPRESENTATIVE_SWEEP)
+    assert study.row_parameter == "model.init_args" and study.paper_metrics == list(report.DEFAULT_METRICS)
+    assert [row.number for row in study.paper_rows] == [str(n) for n in range(1, 11)]
+    assert [tuple(row.values.values()) for row in study.paper_rows] == TABLE3_PAPER
+    assert "Table 3" in study.paper_source and "LOCO" in study.paper_source
 
 
 def test_category_sweep_runs_one_model_per_mvtec_ad_category():
@@ -125,8 +154,8 @@ def print_config_run(tmp_path_factory):
     starting the subprocess first lets the two overlap, which keeps this file within its time budget.
     """
     root, records = run_offline.plan_sweep(REPRESENTATIVE_SWEEP, output_root=tmp_path_factory.mktemp("cfg") / "sweep",
-                                           max_runs=18)
-    point = records[17]  # cable (c = 1), without the tying loss (s = 1): not the config's defaults
+                                           max_runs=16)
+    point = records[15]  # juice_bottle (c = 1), row 6: the local branch alone with α = 0.5
     process = subprocess.Popen([*point.command, "--print_config"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     yield root, point, process
@@ -205,10 +234,13 @@ def test_representative_sweep_point_passes_train_py_print_config(print_config_ru
     assert process.returncode == 0, stderr[-3000:]
     printed = report.flatten_config(yaml.safe_load(stdout))
     for key, value in point.parameters.items():
-        assert _same_value(printed[key], value), f"{key}: printed {printed[key]!r}, swept {value!r}"
-    assert point.parameters["data.categories"] == "cable" and printed["model.init_args.alpha_local"] == 0.5
-    assert printed["model.init_args.use_tie_loss"] is False
-    assert printed["run.name"] == point.name == "ulsad_table3_ablation-017"
+        entries = {f"{key}.{name}": item for name, item in value.items()} if isinstance(value, dict) else {key: value}
+        for name, item in entries.items():
+            assert _same_value(printed[name], item), f"{name}: printed {printed[name]!r}, swept {item!r}"
+    assert point.parameters["data.categories"] == "juice_bottle" and printed["model.init_args.alpha_local"] == 0.5
+    assert printed["model.init_args.global_branch"] is False
+    assert printed["model.init_args.backbone"] == "wide_resnet50_2.racm_in1k"  # the row merged into the config
+    assert printed["run.name"] == point.name == "ulsad_table3_ablation-015"
     assert printed["run.output_root"] == str(root)
     assert not root.exists(), "--print_config must not create the run folder"
 
@@ -475,36 +507,183 @@ def ablation_runs(tmp_path: Path) -> Path:
     return root
 
 
-def test_report_merges_categories_into_one_row_per_setting(ablation_runs: Path, tmp_path: Path):
-    console = Console(record=True, width=200)
-    rows = report.report(ablation_runs, console=console, markdown=tmp_path / "table.md")
-    assert [(row.parameters["model.init_args.alpha_local"], row.parameters["model.init_args.use_tie_loss"])
+def _summary_line(text: str, label: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"│ {label} "))
+
+
+def test_report_merges_categories_into_one_row_per_setting(ablation_runs: Path):
+    console = Console(record=True, width=120)
+    summary = report.report(ablation_runs, metrics=["image_AUROC", "pixel_AUROC"], console=console)
+    rows = summary.rows
+    assert [(row.setting["model.init_args.alpha_local"], row.setting["model.init_args.use_tie_loss"])
             for row in rows] == [("0.0", "false"), ("0.0", "true"), ("0.5", "false"), ("0.5", "true")]
     assert [row.mean for row in rows] == pytest.approx([0.76, 0.82, 0.88, 0.94])
-    assert rows[3].per_category == pytest.approx({"bottle": 0.98, "screw": 0.90})
+    assert [row.cells["pixel_AUROC"]["mean"].mean for row in rows] == pytest.approx([0.66, 0.72, 0.78, 0.84])
+    assert {c: cell.mean for c, cell in rows[3].cells["image_AUROC"].items()} == pytest.approx(
+        {"mean": 0.94, "bottle": 0.98, "screw": 0.90})
     assert [row.runs for row in rows] == [2, 2, 2, 2] and all(row.repeated == [] for row in rows)
     text = console.export_text()
-    assert "┃ alpha_local ┃ use_tie_loss ┃ mean ┃ bottle ┃ screw ┃" in text
-    assert "│ 0.0         │ false        │ 76.0 │   92.0 │  60.0 │" in text
-    assert "│ 0.5         │ true         │ 94.0 │   98.0 │  90.0 │" in text
+    assert "┃ alpha_local ┃ use_tie_loss ┃ I-AUROC ┃ P-AUROC ┃" in text
+    assert "│ 0.0         │ false        │    76.0 │    66.0 │" in text
+    assert "│ 0.5         │ true         │   98.0 │  90.0 │" in text  # the I-AUROC per-category table
+    assert "runs: 8 runs: I-AUROC per category" in text  # titled by the folder's name, not its whole path
     assert "default_root_dir" not in text and "run.name" not in text and "layers" not in text
-    markdown = (tmp_path / "table.md").read_text().splitlines()
-    assert markdown[2] == "| alpha_local | use_tie_loss | mean | bottle | screw |"
-    assert markdown[4] == "| 0.0 | false | 76.0 | 92.0 | 60.0 |"
-    assert len(markdown) == 8
 
 
-def test_report_per_run_and_other_metric(ablation_runs: Path):
-    console = Console(record=True, width=200)
-    rows = report.report(ablation_runs, metric="pixel_AUROC", merge_categories=False, console=console)
-    assert len(rows) == 8
-    assert [row.parameters["data.categories"] for row in rows[:2]] == ["bottle", "screw"]
-    assert rows[0].mean == pytest.approx(0.82) and rows[0].per_category == pytest.approx({"bottle": 0.82})
+def _write_seeded_runs(root: Path) -> dict[tuple[float, int, str], dict[str, float]]:
+    """alpha 0.5/0.0 × seeds 0/1 × categories a/b with unrelated metric values; returns what was written."""
+    written = {}
+    index = 0
+    for alpha in (0.5, 0.0):
+        for seed in (0, 1):
+            for category in ("a", "b"):
+                values = {"image_AUROC": 0.6 + 0.37 * ((index * 7) % 11) / 11,
+                          "pixel_AUPRO": 0.5 + 0.41 * ((index * 5) % 13) / 13}
+                config = {**_ulsad_config(alpha, True, category, f"s-{index}"), "seed_everything": seed}
+                _write_run(root, f"s-{index:03d}", config, {category: {"all": values}}, {"all": values})
+                written[(alpha, seed, category)] = values
+                index += 1
+    return written
+
+
+def test_report_mean_and_std_over_seeds_equal_the_runs_metrics_json(tmp_path: Path):
+    import statistics
+
+    root = tmp_path / "seeded"
+    _write_seeded_runs(root)
+    summary = report.report(root, metrics=["image_AUROC", "pixel_AUPRO"], console=Console(record=True, width=80))
+    # The expectations come from the metrics.json files themselves, read here independently of report.py.
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        config = yaml.safe_load((path.parent / "config.yaml").read_text())
+        runs.append((config["model"]["init_args"]["alpha_local"], config["seed_everything"],
+                     config["data"]["categories"], json.loads(path.read_text())["per_category"]))
+    assert [row.setting for row in summary.rows] == [{"model.init_args.alpha_local": "0.0"},
+                                                     {"model.init_args.alpha_local": "0.5"}]
+    for row in summary.rows:
+        alpha = float(row.setting["model.init_args.alpha_local"])
+        assert row.seeds == ["0", "1"] and row.runs == 4
+        for metric in ("image_AUROC", "pixel_AUPRO"):
+            def value(seed, category, alpha=alpha, metric=metric):
+                return next(m[category]["all"][metric] for a, s, c, m in runs if (a, s, c) == (alpha, seed, category))
+            for category in ("a", "b"):
+                cell = row.cells[metric][category]
+                assert cell.mean == pytest.approx((value(0, category) + value(1, category)) / 2, abs=1e-12)
+                assert cell.std == pytest.approx(statistics.stdev([value(0, category), value(1, category)]), abs=1e-12)
+            seed_means = [(value(seed, "a") + value(seed, "b")) / 2 for seed in (0, 1)]
+            assert row.cells[metric]["mean"].mean == pytest.approx(sum(seed_means) / 2, abs=1e-12)
+            assert row.cells[metric]["mean"].std == pytest.approx(statistics.stdev(seed_means), abs=1e-12)
+            assert row.cells[metric]["mean"].seeds == 2
+
+
+STUDY_YAML = """\
+program: train.py
+method: grid
+description: |
+  Table 9 of A Paper (2031), mean over categories
+  | row | setting | image_AUROC | pixel_AUPRO |
+  |---|---|---|---|
+  | 1 | with tie (ours) | 95.10 | 90.00 |
+  | 2 | without tie | 91.00 | – |
+command: [train.py]
+parameters:
+  data.categories:
+    values: [bottle, screw]
+  model.init_args:
+    values:
+      - {alpha_local: 0.5, use_tie_loss: true}
+      - {alpha_local: 0.5, use_tie_loss: false}
+"""
+
+
+def test_report_with_a_study_orders_labels_and_compares_with_the_paper(ablation_runs: Path, tmp_path: Path):
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY_YAML)
+    console = Console(record=True, width=80)
+    summary = report.report(ablation_runs, metrics=["image_AUROC", "pixel_AUROC"], study=study,
+                            where={"model.init_args.alpha_local": "0.5"}, console=console)
+    assert [(row.number, row.label, row.mean) for row in summary.rows] == [
+        ("1", "with tie (ours)", pytest.approx(0.94)), ("2", "without tie", pytest.approx(0.88))]
+    assert summary.rows[0].paper == {"image_AUROC": 95.1, "pixel_AUPRO": 90.0}
     text = console.export_text()
-    assert "│ 0.0         │ false        │ bottle     │ 82.0 │   82.0 │     – │" in text
-    assert "│ 0.0         │ false        │ screw      │ 50.0 │      – │  50.0 │" in text
+    assert "┃ row ┃ setting         ┃ I-AUROC ┃ paper ┃ P-AUROC ┃" in text
+    assert "│ 1   │ with tie (ours) │    94.0 │ 95.10 │    84.0 │" in text
+    assert "paper = Table 9 of A Paper (2031), mean over categories." in " ".join(text.split())
+    assert "warning" not in text
+
+
+def test_report_warns_for_a_config_difference_outside_the_study_and_splits_by_it(ablation_runs: Path, tmp_path: Path):
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY_YAML)
+    moved = yaml.safe_load((ablation_runs / "ablation-000" / "config.yaml").read_text())
+    moved["data"]["root"] = "/elsewhere"
+    (ablation_runs / "ablation-000" / "config.yaml").write_text(yaml.safe_dump(moved))
+    console = Console(record=True, width=80)
+    summary = report.report(ablation_runs, metrics=["image_AUROC"], study=study,
+                            where={"model.init_args.alpha_local": "0.5"}, console=console)
+    text = " ".join(console.export_text().split())
+    assert "the runs differ in data.root (/elsewhere, –), which is not a parameter of the study" in text
+    assert [(row.number, row.setting["data.root"], row.runs) for row in summary.rows] == [
+        ("1", "/elsewhere", 1), ("1", "–", 1), ("2", "–", 2)]
+
+
+def test_report_writes_markdown_csv_latex_and_a_chart_per_metric(ablation_runs: Path, tmp_path: Path):
+    from PIL import Image
+
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY_YAML)
+    out = tmp_path / "out"
+    summary = report.report(ablation_runs, metrics=["image_AUROC", "pixel_AUROC"], study=study, out_dir=out,
+                            where={"model.init_args.alpha_local": "0.5"}, console=Console(record=True))
+    markdown = (out / "report.md").read_text().splitlines()
+    assert "| row | setting | I-AUROC | paper | P-AUROC |" in markdown
+    assert "| 1 | with tie (ours) | 94.0 | 95.10 | 84.0 |" in markdown
+    assert "| 2 | without tie | 96.0 | 80.0 |" in markdown  # the I-AUROC per-category table
+    with (out / "report.csv").open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert len(lines) == 2 * 2 * 3  # rows × metrics × (mean + 2 categories)
+    line = next(x for x in lines if (x["row"], x["metric"], x["column"]) == ("1", "image_AUROC", "screw"))
+    assert float(line["mean"]) == pytest.approx(0.90) and line["label"] == "with tie (ours)" and line["std"] == ""
+    assert next(x for x in lines if (x["row"], x["metric"], x["column"]) == ("1", "image_AUROC", "mean"))["paper"] \
+        == "95.1"
+    latex = (out / "report.tex").read_text()
+    assert r"\toprule" in latex and r"1 & with tie (ours) & 94.0 & 95.10 & 84.0 \\" in latex
+    for metric in summary.metrics:
+        with Image.open(out / f"{metric}.png") as image:
+            assert image.format == "PNG" and image.size[0] >= 800 and len(image.getcolors(2**20)) > 4
+
+
+def test_report_tables_fit_80_columns_without_truncation(tmp_path: Path):
+    """15 categories, mean ± std over two seeds and long labels still print whole in an 80-column log."""
+    root = tmp_path / "wide"
+    for index, (category, seed) in enumerate((c, s) for c in MVTEC_AD_CATEGORIES for s in (0, 1)):
+        values = {"image_AUROC": 0.9 + index / 1000, "pixel_AUROC": 0.8, "pixel_AUPRO": 0.7}
+        config = {**_ulsad_config(0.5, True, category, f"w-{index}"), "seed_everything": seed}
+        _write_run(root, f"w-{index:03d}", config, {category: {"all": values}}, {"all": values})
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY_YAML.replace("with tie (ours)", "a rather long label that has to wrap somewhere"))
+    console = Console(record=True, width=80)
+    report.report(root, study=study, console=console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert not any("…" in line for line in lines)
+    text = "\n".join(lines)
+    assert all(category in text for category in MVTEC_AD_CATEGORIES)
+    assert "±" in text and "I-AUROC per category" in text
+
+
+def test_report_per_run_and_an_unknown_metric(ablation_runs: Path):
+    console = Console(record=True, width=120)
+    summary = report.report(ablation_runs, metrics=["pixel_AUROC"], merge_categories=False, console=console)
+    rows = summary.rows
+    assert len(rows) == 8
+    assert [row.setting["data.categories"] for row in rows[:2]] == ["bottle", "screw"]
+    assert rows[0].mean == pytest.approx(0.82)
+    assert {c: cell.mean for c, cell in rows[0].cells["pixel_AUROC"].items()} == pytest.approx(
+        {"mean": 0.82, "bottle": 0.82})
+    assert "│ 0.0         │ false        │ bottle     │    82.0 │" in console.export_text()
     with pytest.raises(KeyError, match="image_AP.*available: image_AUROC, pixel_AUROC"):
-        report.report(ablation_runs, metric="image_AP", console=console)
+        report.report(ablation_runs, metrics=["image_AP"], console=console)
 
 
 def test_report_warns_about_a_category_run_twice(ablation_runs: Path):
@@ -512,15 +691,16 @@ def test_report_warns_about_a_category_run_twice(ablation_runs: Path):
     _write_run(ablation_runs, "ablation-000_v2", _ulsad_config(0.5, True, "bottle", "ablation-000_v2"),
                {"bottle": {"all": rerun}}, {"all": rerun})
     console = Console(record=True, width=200)
-    rows = report.report(ablation_runs, console=console)
-    assert rows[3].repeated == ["bottle"] and rows[3].per_category == pytest.approx({"bottle": 0.5, "screw": 0.9})
-    assert "alpha_local=0.5, use_tie_loss=true: bottle found in several runs" in console.export_text()
+    rows = report.report(ablation_runs, metrics=["image_AUROC"], console=console).rows
+    assert rows[3].repeated == ["bottle (seed 40)"]
+    assert rows[3].cells["image_AUROC"]["bottle"].mean == pytest.approx(0.5)
+    assert "alpha_local=0.5 use_tie_loss=true: bottle (seed 40) found in several runs" in console.export_text()
 
 
 def test_report_where_selects_runs_by_config_value(ablation_runs: Path):
     console = Console(record=True, width=200)
-    rows = report.report(ablation_runs, where={"model.init_args.use_tie_loss": "true"}, console=console)
-    assert [(row.parameters, row.mean) for row in rows] == [
+    rows = report.report(ablation_runs, where={"model.init_args.use_tie_loss": "true"}, console=console).rows
+    assert [(row.setting, row.mean) for row in rows] == [
         ({"model.init_args.alpha_local": "0.0"}, pytest.approx(0.82)),
         ({"model.init_args.alpha_local": "0.5"}, pytest.approx(0.94))]
     with pytest.raises(FileNotFoundError, match="wandb.group=other"):
@@ -535,26 +715,30 @@ def test_report_reads_a_loco_subset(tmp_path: Path):
                                       "structural": {"image_AUROC": 0.9}}}
         config = {"model": {"init_args": {"score_mode": mode}}, "data": {"categories": "screw_bag"}}
         _write_run(root, f"puad-{index}", config, per_category, per_category["screw_bag"])
-    rows = report.report(root, subset="logical", console=Console(record=True))
-    assert [(row.parameters["model.init_args.score_mode"], row.mean) for row in rows] == [
+    rows = report.report(root, subset="logical", console=Console(record=True)).rows
+    assert [(row.setting["model.init_args.score_mode"], row.mean) for row in rows] == [
         ("combined", pytest.approx(0.7)), ("picturable", pytest.approx(0.8))]
 
 
 def test_report_on_an_offline_sweep_output(fake_sweep: Path, tmp_path: Path):
     root = tmp_path / "out"
     run_offline.run_sweep(fake_sweep, output_root=root, console=Console(record=True))
-    rows = report.report(root, console=Console(record=True))
-    # alpha -1 failed (no metrics.json): two settings remain, each merged over categories a and b.
-    assert [(row.parameters["model.init_args.alpha_local"], row.runs) for row in rows] == [("0.0", 2), ("0.5", 2)]
-    assert rows[0].per_category == pytest.approx({"a": 0.9, "b": 0.95})
-    assert rows[1].mean == pytest.approx((0.85 + 0.90) / 2)
+    rows = report.report(root, study=fake_sweep, console=Console(record=True)).rows
+    # alpha -1 failed (no metrics.json): two settings remain in the study's order (0.5 before 0.0), each merged
+    # over categories a and b.
+    assert [(row.number, row.setting["model.init_args.alpha_local"], row.runs) for row in rows] == [
+        ("1", "0.5", 2), ("3", "0.0", 2)]
+    assert {c: cell.mean for c, cell in rows[1].cells["image_AUROC"].items()} == pytest.approx(
+        {"mean": 0.925, "a": 0.9, "b": 0.95})
+    assert rows[0].mean == pytest.approx((0.85 + 0.90) / 2)
 
 
-def test_report_script_runs_standalone(ablation_runs: Path):
+def test_report_script_runs_standalone(ablation_runs: Path, tmp_path: Path):
     """`python sweeps/report.py ROOT` works without installing the repository."""
     completed = subprocess.run([sys.executable, str(SWEEPS_DIR / "report.py"), str(ablation_runs),
-                                "--where", "model.init_args.alpha_local=0.5"],
-                               capture_output=True, text=True, timeout=60, cwd=ablation_runs, check=False)
+                                "--where", "model.init_args.alpha_local=0.5", "--out", str(tmp_path / "o")],
+                               capture_output=True, text=True, timeout=120, cwd=ablation_runs, check=False)
     assert completed.returncode == 0, completed.stderr
-    assert "│ true         │ 94.0 │   98.0 │  90.0 │" in completed.stdout
-    assert "alpha_local" not in completed.stdout.split("parameters:")[0]  # constant within the selection
+    assert "│ true         │    94.0 │    84.0 │" in completed.stdout
+    assert (tmp_path / "o" / "image_AUROC.png").is_file()
+    assert "alpha_local" not in completed.stdout  # constant within the selection
