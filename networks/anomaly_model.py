@@ -145,7 +145,8 @@ class AnomalyModel(nn.Module, ABC):
             raise FittedSettingsMismatch(
                 f"This {type(self).__name__} checkpoint's fitted statistics were fitted under other settings: {details}. "
                 "They cannot be read under the new setting (the scores would be silently wrong). Evaluate with the "
-                "checkpoint's own setting, or train / calibrate a model with the new one."
+                "checkpoint's own setting, re-fit the statistics under the new one (evaluate.py --recalibrate), or train a "
+                "model with it."
             )
         self.fitted_with = stored
 

@@ -53,9 +53,11 @@ from sweeps.run_offline import render_value
 
 CATEGORY_KEY = "data.categories"
 SEED_KEY = "seed_everything"
-# Keys that differ between runs without being an experimental choice: the run folder and its provenance.
-IGNORED_KEYS = ("trainer.default_root_dir",)
-IGNORED_PREFIXES = ("run.",)
+# Keys that differ between runs without changing a result: the run folder, its provenance, logging and progress
+# (an evaluate.py folder has trainer.logger false and W&B disabled where its training run had them on).
+IGNORED_KEYS = ("trainer.default_root_dir", "trainer.logger", "trainer.enable_progress_bar",
+                "trainer.log_every_n_steps", "trainer.enable_model_summary")
+IGNORED_PREFIXES = ("run.", "wandb.")
 MEAN_COLUMN = "mean"
 DEFAULT_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 UNMATCHED = 10**6
@@ -75,6 +77,7 @@ class PaperRow:
     number: str  # as the paper numbers it
     label: str
     values: dict[str, float]  # metric → the paper's value, ×100 as printed
+    conditions: dict[str, str] = field(default_factory=dict)  # setting column (a config key or its last part) → value
 
 
 @dataclass
@@ -128,7 +131,9 @@ def load_runs(output_root: str | Path, console: Console | None = None) -> list[R
 
 
 def _parse_paper_table(description: str, path: Path) -> tuple[str, list[PaperRow]]:
-    """The Markdown table in a study's description: `| row | setting | <metric> ... |`, values ×100."""
+    """The Markdown table in a study's description: `| row | setting | [<config key> ...] <metric> ... |`, values
+    ×100. Columns between `setting` and the first metric name a config key (or its last part, `score_mode`) and
+    give each row's value of it; without them the rows follow the row parameter's values in order."""
     lines = [line.strip() for line in description.splitlines()]
     source = next((line for line in lines if line and not line.startswith("|")), "")
     table = [line for line in lines if line.startswith("|")]
@@ -138,12 +143,16 @@ def _parse_paper_table(description: str, path: Path) -> tuple[str, list[PaperRow
     header, body = cells[0], [row for row in cells[1:] if not all(set(cell) <= set("-: ") for cell in row)]
     if header[:2] != ["row", "setting"] or len(header) < 3:
         raise ValueError(f"{path}: the paper table's header must be | row | setting | <metric> ... |, got {header}")
+    first_metric = next((index for index, name in enumerate(header) if name in SHORT_METRIC_LABELS), len(header))
+    if first_metric == len(header):
+        raise ValueError(f"{path}: the paper table has no metric column ({', '.join(SHORT_METRIC_LABELS)})")
     rows = []
     for row in body:
         if len(row) != len(header):
             raise ValueError(f"{path}: paper table row {row} has {len(row)} cells, the header {len(header)}")
-        values = {metric: float(text) for metric, text in zip(header[2:], row[2:]) if text not in ("", "-", "–")}
-        rows.append(PaperRow(row[0], row[1], values))
+        values = {metric: float(text) for metric, text in zip(header[first_metric:], row[first_metric:])
+                  if text not in ("", "-", "–")}
+        rows.append(PaperRow(row[0], row[1], values, dict(zip(header[2:first_metric], row[2:first_metric]))))
     return source, rows
 
 
@@ -160,7 +169,7 @@ def load_study(path: str | Path) -> Study:
     varied = [key for key, values in parameters.items() if len(values) > 1 and key not in (CATEGORY_KEY, SEED_KEY)]
     settings = [key for key in varied if all(isinstance(value, Mapping) for value in parameters[key])]
     row_parameter = (settings or varied or [None])[0]
-    if paper_rows:
+    if paper_rows and not paper_rows[0].conditions:
         count = len(parameters.get(row_parameter, [])) if row_parameter else 0
         if count != len(paper_rows):
             raise ValueError(f"{path}: the paper table has {len(paper_rows)} rows but the row parameter "
@@ -207,6 +216,12 @@ def _value_index(parameters: Mapping[str, Any], key: str, values: Sequence[Any])
         elif _display(parameters, key) == render_value(value):
             return index
     return UNMATCHED
+
+
+def _condition_holds(parameters: Mapping[str, Any], name: str, value: str) -> bool:
+    """A paper row's setting column: `name` is a full config key or the last part of exactly one."""
+    keys = [name] if name in parameters else [key for key in parameters if _short(key) == name]
+    return len(keys) == 1 and _display(parameters, keys[0]) == value
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -283,7 +298,9 @@ def summarise(runs: Sequence[RunResult], metrics: Sequence[str] = DEFAULT_METRIC
     differing = swept_keys(runs)
     merged = {CATEGORY_KEY, SEED_KEY} if merge_categories else set()
     if study is not None:
+        columns = {name for paper in study.paper_rows for name in paper.conditions}
         declared = [key for key in _study_keys(study) if key not in merged]
+        declared += [key for key in differing if key not in declared and (key in columns or _short(key) in columns)]
         incidental_keys = [key for key in differing if key not in declared and key not in merged]
         row_keys = declared + incidental_keys
     else:
@@ -342,7 +359,15 @@ def _order_and_label(rows: list[AblationRow], runs: Sequence[RunResult], groups:
         example = members[0].parameters
         row.order = tuple(_value_index(example, key, values) for key, values in study.parameters.items()
                           if key not in (CATEGORY_KEY, SEED_KEY))
-        if study.row_parameter is not None:
+        if study.paper_rows and study.paper_rows[0].conditions:
+            position = next((index for index, paper in enumerate(study.paper_rows)
+                             if all(_condition_holds(example, name, value) for name, value in paper.conditions.items())),
+                            UNMATCHED)
+            row.order = (position, *row.order)
+            if position != UNMATCHED:
+                paper = study.paper_rows[position]
+                row.number, row.label, row.paper = paper.number, paper.label, paper.values
+        elif study.row_parameter is not None:
             position = _value_index(example, study.row_parameter, study.parameters[study.row_parameter])
             if position != UNMATCHED:
                 row.number = str(position + 1)

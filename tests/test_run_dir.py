@@ -153,5 +153,6 @@ def test_a_setting_given_as_a_mapping_names_the_run_by_its_entries():
     for row in ("{alpha_local: 0.0, global_branch: false}", "{'alpha_local': 0.0, 'global_branch': False}"):
         args = ["--config", "configs/ulsad/mvtec_loco.yaml", f"--model.init_args={row}", "--seed_everything=2"]
         name, tags, group = wandb_identity("table3-001", args)
+        assert name == "table3-001 alpha_local=0.0 global_branch=false seed=2"
         assert tags[:2] == ["alpha_local=0.0", "global_branch=false"] and tags[2] == "seed=2"
         assert group == "ulsad/mvtec_loco alpha_local=0.0 global_branch=false"

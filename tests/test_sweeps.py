@@ -28,7 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS_DIR = REPO_ROOT / "sweeps"
 SWEEP_FILES = sorted(SWEEPS_DIR.glob("*.yaml"))
 GRID_SWEEP_FILES = [path for path in SWEEP_FILES if yaml.safe_load(path.read_text()).get("method") == "grid"]
-EXPECTED_SWEEPS = {"ulsad_table3_ablation", "ulsad_hparams", "ulsad_mvtec_ad_categories", "puad_ablation"}
+EXPECTED_SWEEPS = {"ulsad_table3_ablation", "ulsad_hparams", "ulsad_mvtec_ad_categories", "puad_table1",
+                   "onenip_table4_ablation", "crad_ablation", "crad_grid_resolution"}
 REPRESENTATIVE_SWEEP = SWEEPS_DIR / "ulsad_table3_ablation.yaml"
 LOCO_CATEGORIES = ["breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"]
 # The top-level keys and parameter forms of W&B's sweep configuration schema (wandb/sweeps, config/schema.json,
@@ -106,6 +107,18 @@ TABLE3_ROWS = [  # (global branch, α, β, tie, att) of the paper's rows 1-10, i
 TABLE3_PAPER = [(77.67, 75.17, 73.37), (77.69, 79.77, 75.26), (71.67, 73.92, 67.22), (81.40, 82.12, 77.47),
                 (81.08, 81.97, 76.45), (79.14, 76.57, 73.41), (80.50, 81.85, 77.35), (74.51, 76.59, 69.01),
                 (82.19, 81.25, 75.50), (84.10, 80.06, 73.73)]
+
+
+@pytest.mark.parametrize("sweep_path", SWEEP_FILES, ids=lambda path: path.stem)
+def test_every_study_says_which_paper_table_it_reproduces_and_its_paper_rows_parse(sweep_path: Path):
+    from lightning_modules.reporting import SHORT_METRIC_LABELS
+
+    text = sweep_path.read_text()
+    assert text.startswith("# ") and re.search(r"Table \d|ablation|categories|search", text.splitlines()[0])
+    study = report.load_study(sweep_path)  # raises when the paper table and the row parameter disagree
+    assert set(study.paper_metrics) <= set(SHORT_METRIC_LABELS), f"{sweep_path.name}: unknown metric names"
+    if study.paper_rows:
+        assert study.paper_source, f"{sweep_path.name}: the description's first line names the paper's table"
 
 
 def test_table3_study_is_the_papers_ten_rows_on_mvtec_loco_in_the_papers_order():
