@@ -225,3 +225,22 @@ def test_train_then_evaluate_reproduces_every_metric_and_each_score_branch(tmp_p
     assert not np.allclose(_scores(tmp_path / "teacher" / "scores.csv"), train_scores)
     config = yaml.safe_load((tmp_path / "teacher" / "config.yaml").read_text())
     assert config["model"]["init_args"]["feature_source"] == "teacher"  # the report reads the setting from here
+
+    # The study flow of sweeps/puad_table1.yaml on this run: rescore.py scores it again in another score mode (not
+    # its own, which its metrics.json already is), and report.py puts both in PUAD Table 1's rows.
+    from rich.console import Console
+
+    from sweeps import report, rescore
+
+    values = {"model.init_args.score_mode": ["combined", "picturable"], "model.init_args.feature_source": ["student"]}
+    assert rescore.rescore(tmp_path / "runs", values, console=Console(record=True)) == \
+        {"done": 1, "skipped": 1, "failed": 0}
+    rescored = run_dir / "rescored" / "score_mode=picturable,feature_source=student"
+    assert np.abs(_scores(rescored / "scores.csv") - branches["picturable"]).max() <= 1e-6
+    assert rescore.rescore(tmp_path / "runs", values, console=Console(record=True))["skipped"] == 2  # resumes
+    summary = report.report(tmp_path / "runs", study=REPO / "sweeps/puad_table1.yaml", console=Console(record=True))
+    assert [(row.label, row.paper["image_AUROC"]) for row in summary.rows] == [("EfficientAD-S", 89.22),
+                                                                                ("PUAD-S", 93.18)]
+    assert summary.rows[0].mean == pytest.approx(
+        json.loads((rescored / "metrics.json").read_text())["mean"]["all"]["image_AUROC"], abs=1e-12)
+    assert summary.rows[1].mean == pytest.approx(trained["mean"]["all"]["image_AUROC"], abs=1e-12)
