@@ -14,7 +14,7 @@ from rich.console import Console
 
 from datamodules.validate import DatasetError
 from lightning_modules import reporting
-from lightning_modules.cli import AnomalyCLI, run_command
+from lightning_modules.cli import AnomalyCLI, log_checkpoint_artifact, run_command
 
 
 def train(args: list[str] | None = None) -> dict[str, Any]:
@@ -52,6 +52,12 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
                 console = Console()
                 console.print(f"Run folder: {cli.run_dir}", soft_wrap=True, highlight=False)
                 reporting.print_results_table(results["table"], title=f"Test of {cli.run_dir.name}", console=console)
+        if cli.config.wandb.log_checkpoint and trainer.is_global_zero:
+            table = results.get("table")
+            means = table.rows.get(("mean", "all"), {}) if table is not None else {}
+            log_checkpoint_artifact(trainer.loggers, final_checkpoint, {
+                "detector": type(model).__name__, "run": cli.run_dir.name, "config": str(cli.run_dir / "config.yaml"),
+                "image_threshold": float(model.model.image_threshold), **{f"test/mean/{k}": v for k, v in means.items()}})
         return results
     finally:
         _finish_wandb(trainer)

@@ -171,6 +171,28 @@ def wandb_identity(run_name: str, args: Sequence[str]) -> tuple[str, list[str], 
     return " ".join([run_name, *tags]), tags, group
 
 
+def log_checkpoint_artifact(loggers: Sequence[Any], checkpoint: Path, metadata: dict[str, Any]) -> list[Any]:
+    """Upload `checkpoint` as a W&B model artifact through every W&B logger; returns the logged artifacts.
+
+    The artifact is named after the run folder (`model-<run>`, characters W&B refuses become `-`), so the
+    checkpoints of a sweep's runs sit side by side in the project's model registry.
+    """
+    import wandb
+
+    logged = []
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        name = "model-" + re.sub(r"[^A-Za-z0-9_.-]", "-", checkpoint.resolve().parent.parent.name)
+        artifact = wandb.Artifact(name, type="model", metadata=metadata,
+                                  description="final.ckpt: the trained weights with every fitted statistic and the "
+                                              "decision threshold (evaluate.py, export.py and folder prediction read it)")
+        artifact.add_file(str(checkpoint), name=checkpoint.name)
+        logger.experiment.log_artifact(artifact, aliases=["final"])
+        logged.append(artifact)
+    return logged
+
+
 class AnomalyCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, program: str = "train.py", **kwargs: Any) -> None:
         # What made this run, for config.yaml and W&B: the program and its arguments as given.
@@ -211,6 +233,9 @@ class AnomalyCLI(LightningCLI):
         parser.add_argument("--wandb.project", type=str, default="anomaly-lab")
         parser.add_argument("--wandb.group", type=str | None, default=None)
         parser.add_argument("--wandb.tags", type=list[str], default=[])
+        parser.add_argument("--wandb.log_checkpoint", type=bool, default=False,
+                            help="Upload checkpoints/final.ckpt as a W&B model artifact (alias `final`) after testing, "
+                                 "with the mean metrics as its metadata. Off by default: checkpoints can be large.")
 
     # -------------------------------------------------------------- run folder
     def default_run_name(self) -> str:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_modules.cli import RUN_DIR_ENV, resolve_run_dir
 
@@ -156,3 +157,36 @@ def test_a_setting_given_as_a_mapping_names_the_run_by_its_entries():
         assert name == "table3-001 alpha_local=0.0 global_branch=false seed=2"
         assert tags[:2] == ["alpha_local=0.0", "global_branch=false"] and tags[2] == "seed=2"
         assert group == "ulsad/mvtec_loco alpha_local=0.0 global_branch=false"
+
+
+def test_the_final_checkpoint_goes_to_wandb_as_a_model_artifact_only_when_asked(tmp_path, monkeypatch):
+    """An offline W&B run with --wandb.log_checkpoint=true records final.ckpt as a `model` artifact (synced later)."""
+    from datamodules.embedded import generate_embedded_dataset
+    from tests.runs import tiny_ulsad_args
+    from train import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    root = generate_embedded_dataset(tmp_path / "embedded", seed=0, image_size=128)
+    logged = []
+    import lightning_modules.cli as cli_module
+
+    real = cli_module.log_checkpoint_artifact
+
+    def recording(loggers, checkpoint, metadata):
+        artifacts = real(loggers, checkpoint, metadata)
+        logged.extend(artifacts)
+        return artifacts
+
+    monkeypatch.setattr("train.log_checkpoint_artifact", recording)
+    args = [arg for arg in tiny_ulsad_args(root, tmp_path / "runs", "--run.name=art") if arg != "--wandb.mode=disabled"]
+    results = train([*args, "--wandb.mode=offline", "--wandb.log_checkpoint=true"])
+    assert len(logged) == 1
+    artifact = logged[0]
+    assert artifact.type == "model" and artifact.name.startswith("model-art")
+    assert [entry.path for entry in artifact.manifest.entries.values()] == ["final.ckpt"]
+    assert artifact.metadata["detector"] == "ULSAD" and 0.0 <= artifact.metadata["test/mean/image_AUROC"] <= 1.0
+    offline_logs = list(Path(results["run_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(offline_logs) == 1 and b"model-art" in offline_logs[0].read_bytes()  # the artifact's record, to sync
+    config = yaml.safe_load((Path(results["run_dir"]) / "config.yaml").read_text())
+    assert config["wandb"]["log_checkpoint"] is True  # recorded; the parser's default is False (README)
