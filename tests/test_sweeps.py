@@ -29,7 +29,8 @@ SWEEPS_DIR = REPO_ROOT / "sweeps"
 SWEEP_FILES = sorted(SWEEPS_DIR.glob("*.yaml"))
 GRID_SWEEP_FILES = [path for path in SWEEP_FILES if yaml.safe_load(path.read_text()).get("method") == "grid"]
 EXPECTED_SWEEPS = {"ulsad_table3_ablation", "ulsad_hparams", "ulsad_mvtec_ad_categories", "puad_table1",
-                   "onenip_table4_ablation", "crad_ablation", "crad_grid_resolution"}
+                   "onenip_table4_ablation", "crad_ablation", "crad_grid_resolution", "ulsad_backbone",
+                   "ulsad_quantiles"}
 REPRESENTATIVE_SWEEP = SWEEPS_DIR / "ulsad_table3_ablation.yaml"
 LOCO_CATEGORIES = ["breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors"]
 # The top-level keys and parameter forms of W&B's sweep configuration schema (wandb/sweeps, config/schema.json,
@@ -114,7 +115,7 @@ def test_every_study_says_which_paper_table_it_reproduces_and_its_paper_rows_par
     from lightning_modules.reporting import SHORT_METRIC_LABELS
 
     text = sweep_path.read_text()
-    assert text.startswith("# ") and re.search(r"Table \d|ablation|categories|search", text.splitlines()[0])
+    assert text.startswith("# ") and re.search(r"Table \d|ablation|study|categories|search", text.splitlines()[0])
     study = report.load_study(sweep_path)  # raises when the paper table and the row parameter disagree
     assert set(study.paper_metrics) <= set(SHORT_METRIC_LABELS), f"{sweep_path.name}: unknown metric names"
     if study.paper_rows:
@@ -316,6 +317,24 @@ def test_random_and_bayes_sweeps_need_a_count():
                                         max_runs=2)) == 2
     hparams = run_offline.load_sweep(SWEEPS_DIR / "ulsad_hparams.yaml")
     assert len(run_offline.sweep_points(hparams)) == hparams["run_cap"]
+
+
+def test_values_replace_or_add_a_parameter_and_change_the_runs(tmp_path: Path):
+    assert run_offline.parse_values("data.categories=parts_tray,woven_tiles") == (
+        "data.categories", ["parts_tray", "woven_tiles"])
+    assert run_offline.parse_values("seed_everything=0,1") == ("seed_everything", [0, 1])
+    assert run_offline.parse_values("model.init_args.use_tie_loss=true") == ("model.init_args.use_tie_loss", [True])
+    for bad in ("data.categories", "=a", "data.categories="):
+        with pytest.raises(run_offline.SweepError, match="KEY=V1,V2"):
+            run_offline.parse_values(bad)
+    values = {"data.categories": ["parts_tray"], "seed_everything": [0, 1]}
+    _, records = run_offline.plan_sweep(REPRESENTATIVE_SWEEP, output_root=tmp_path, values=values)
+    assert len(records) == 10 * 2  # the ten rows × two seeds on one category
+    assert [(r.parameters["seed_everything"], r.parameters["data.categories"]) for r in records[:2]] == [
+        (0, "parts_tray"), (1, "parts_tray")]  # W&B order: seed_everything sorts after model.init_args
+    assert "--seed_everything=1" in records[1].command
+    _, plain = run_offline.plan_sweep(REPRESENTATIVE_SWEEP, output_root=tmp_path)
+    assert records[0].key != plain[0].key  # another point, another resume key
 
 
 # ---------------------------------------------------------------------------------------------- rendering
