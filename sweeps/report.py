@@ -602,7 +602,9 @@ def plot_metrics(summary: Summary, out_dir: Path, title: str) -> list[Path]:
         axes.invert_yaxis()
         axes.set_xlabel(f"{metric} ×100 ({summary.subset}, mean over categories)")
         axes.set_title(title, fontsize=10)
-        axes.legend(loc="lower right", fontsize=8)
+        # Below the axes, so it never hides a bar.
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.45 * len(labels) + 1.4) - 0.12), ncol=2,
+                    fontsize=8, frameon=False)
         figure.tight_layout()
         path = out_dir / f"{metric}.png"
         figure.savefig(path, dpi=120)
