@@ -99,8 +99,8 @@ def evaluate(args: list[str] | None = None) -> dict[str, Any]:
                                *overrides, f"--run.dir={output_dir}", "--run.resume=false"])
     cli.datamodule.prepare_data()
     cli.datamodule.setup("test")  # a bad dataset fails before the checkpoint is loaded
-    cli.save_resolved_config()  # beside metrics.json, as in a training run: what was evaluated, and how
     checkpoint = read_checkpoint(known.checkpoint)  # an unreadable checkpoint fails with its path named
+    cli.save_resolved_config()  # beside metrics.json, as in a training run: what was evaluated, and how
     if known.recalibrate:
         _recalibrate(cli, checkpoint)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)

@@ -150,11 +150,12 @@ def test_a_truncated_checkpoint_is_named_and_evaluation_leaves_no_empty_folders(
                      "--output_dir", str(tmp_path / "broken"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{truncated}: cannot be read as a checkpoint" in result.stderr and "truncated" in result.stderr
+    assert not (tmp_path / "broken" / "config.yaml").exists()  # a failed evaluation writes nothing that looks done
 
     evaluate(["--checkpoint", str(final), "--output_dir", str(tmp_path / "evaluation"),
               "--trainer.enable_progress_bar=false"])
     assert sorted(path.name for path in (tmp_path / "evaluation").iterdir()) == [
-        "curves.csv", "maps", "metrics.json", "scores.csv"]
+        "config.yaml", "curves.csv", "maps", "metrics.json", "scores.csv"]  # config.yaml: what was evaluated, how
 
 
 def test_a_checkpoint_from_before_the_model_contract_is_named_not_a_key_error(tmp_path):
