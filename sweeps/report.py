@@ -339,7 +339,7 @@ def summarise(runs: Sequence[RunResult], metrics: Sequence[str] = DEFAULT_METRIC
         parameters = dict(zip(row_keys, setting))
         rows.append(AblationRow(parameters, label="", number="", cells=cells, runs=len(members),
                                 seeds=sorted(values, key=_sort_key), repeated=repeated))
-    _order_and_label(rows, runs, groups, row_keys, study)
+    _order_and_label(rows, groups, row_keys, study)
     categories = sorted({category for row in rows for category in next(iter(row.cells.values())) if
                          category != MEAN_COLUMN})
     for row in rows:  # per run, a row is one run: its own categories are all it can cover
@@ -347,39 +347,40 @@ def summarise(runs: Sequence[RunResult], metrics: Sequence[str] = DEFAULT_METRIC
     return Summary(rows, list(metrics), categories, row_keys, incidental, study, subset)
 
 
-def _order_and_label(rows: list[AblationRow], runs: Sequence[RunResult], groups: Mapping[tuple[str, ...], list],
-                     row_keys: Sequence[str], study: Study | None) -> None:
-    """Paper order and labels with a study; value order and `key=value` labels without one."""
+def _order_and_label(rows: list[AblationRow], groups: Mapping[tuple[str, ...], list], row_keys: Sequence[str],
+                     study: Study | None) -> None:
+    """Paper order, numbers and labels with a study; value order and `key=value` labels without one.
+
+    A row that is none of the paper's is labelled by the keys whose values differ between rows and numbered "–".
+    """
+    varying = [key for key in row_keys if len({row.setting[key] for row in rows}) > 1] or list(row_keys)
     for row, members in zip(rows, groups.values()):
-        shown = {key: value for key, value in row.setting.items()}
-        row.label = " ".join(f"{_short(key)}={value}" for key, value in shown.items()) or "all runs"
+        row.label = " ".join(f"{_short(key)}={row.setting[key]}" for key in varying) or "all runs"
         if study is None:
-            row.order = tuple(0 for _ in row_keys)
             continue
         example = members[0].parameters
         row.order = tuple(_value_index(example, key, values) for key, values in study.parameters.items()
                           if key not in (CATEGORY_KEY, SEED_KEY))
-        if study.paper_rows and study.paper_rows[0].conditions:
+        if study.paper_rows and study.paper_rows[0].conditions:  # the paper's rows name their settings
             position = next((index for index, paper in enumerate(study.paper_rows)
                              if all(_condition_holds(example, name, value) for name, value in paper.conditions.items())),
                             UNMATCHED)
             row.order = (position, *row.order)
-            if position != UNMATCHED:
-                paper = study.paper_rows[position]
-                row.number, row.label, row.paper = paper.number, paper.label, paper.values
-        elif study.row_parameter is not None:
+        elif study.row_parameter is not None:  # the paper's rows are the row parameter's values, in order
             position = _value_index(example, study.row_parameter, study.parameters[study.row_parameter])
-            if position != UNMATCHED:
-                row.number = str(position + 1)
-                if study.paper_rows:
-                    paper = study.paper_rows[position]
-                    row.number, row.label, row.paper = paper.number, paper.label, paper.values
+        else:
+            position = UNMATCHED
+        if position == UNMATCHED:
+            row.number = MISSING_VALUE_TEXT
+        elif study.paper_rows:
+            paper = study.paper_rows[position]
+            row.number, row.label, row.paper = paper.number, paper.label, paper.values
+        else:
+            row.number = str(position + 1)
+    rows.sort(key=lambda row: (row.order, [_sort_key(row.setting[key]) for key in row_keys]))
     if study is None:
-        rows.sort(key=lambda row: [_sort_key(row.setting[key]) for key in row_keys])
-    else:
-        rows.sort(key=lambda row: (row.order, [_sort_key(row.setting[key]) for key in row_keys]))
-    for position, row in enumerate(rows, start=1):
-        row.number = row.number or str(position)
+        for position, row in enumerate(rows, start=1):
+            row.number = str(position)
 
 
 # ---------------------------------------------------------------------------------------------- text

@@ -774,3 +774,13 @@ def test_report_script_runs_standalone(ablation_runs: Path, tmp_path: Path):
     assert "│ true         │    94.0 │    84.0 │" in completed.stdout
     assert (tmp_path / "o" / "image_AUROC.png").is_file()
     assert "alpha_local" not in completed.stdout  # constant within the selection
+
+
+def test_report_puts_rows_that_are_none_of_the_papers_last_labelled_by_what_differs(ablation_runs: Path,
+                                                                                     tmp_path: Path):
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY_YAML)
+    rows = report.report(ablation_runs, metrics=["image_AUROC"], study=study, console=Console(record=True)).rows
+    assert [(row.number, row.label) for row in rows] == [
+        ("1", "with tie (ours)"), ("2", "without tie"),
+        ("–", "alpha_local=0.0 use_tie_loss=false"), ("–", "alpha_local=0.0 use_tie_loss=true")]
