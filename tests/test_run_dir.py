@@ -1,5 +1,6 @@
 """Run folders: versioned instead of overwritten, shared by DDP ranks, resumable."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_a_setting_given_as_a_mapping_names_the_run_by_its_entries():
         assert group == "ulsad/mvtec_loco alpha_local=0.0 global_branch=false"
 
 
-def test_the_final_checkpoint_goes_to_wandb_as_a_model_artifact_only_when_asked(tmp_path, monkeypatch):
+def test_the_final_checkpoint_goes_to_wandb_as_a_model_artifact_when_asked(tmp_path, monkeypatch):
     """An offline W&B run with --wandb.log_checkpoint=true records final.ckpt as a `model` artifact (synced later)."""
     from datamodules.embedded import generate_embedded_dataset
     from tests.runs import tiny_ulsad_args
@@ -187,6 +188,12 @@ def test_the_final_checkpoint_goes_to_wandb_as_a_model_artifact_only_when_asked(
     assert [entry.path for entry in artifact.manifest.entries.values()] == ["final.ckpt"]
     assert artifact.metadata["detector"] == "ULSAD" and 0.0 <= artifact.metadata["test/mean/image_AUROC"] <= 1.0
     offline_logs = list(Path(results["run_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(offline_logs) == 1 and b"model-art" in offline_logs[0].read_bytes()  # the artifact's record, to sync
+    assert len(offline_logs) == 1
+    # The artifact's record, for `wandb sync`. W&B's service process writes the offline file after wandb.finish()
+    # has returned (seen: the first 32 KiB block only, the rest half a second later), so wait for it.
+    deadline = time.monotonic() + 60
+    while b"model-art" not in offline_logs[0].read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert b"model-art" in offline_logs[0].read_bytes()
     config = yaml.safe_load((Path(results["run_dir"]) / "config.yaml").read_text())
     assert config["wandb"]["log_checkpoint"] is True  # recorded; the parser's default is False (README)
