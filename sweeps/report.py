@@ -60,8 +60,8 @@ IGNORED_KEYS = ("trainer.default_root_dir", "trainer.logger", "trainer.enable_pr
 IGNORED_PREFIXES = ("run.", "wandb.")
 MEAN_COLUMN = "mean"
 DEFAULT_METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
-UNMATCHED = 10**6
-LABEL_WIDTH = 28  # console: a row's label wraps beyond this many characters  # the order index of a value that is not among a study parameter's values
+UNMATCHED = 10**6  # the order index of a value that is not among a study parameter's values
+LABEL_WIDTH = 28  # console: a row's label wraps beyond this many characters
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -402,8 +402,9 @@ def _label(metric: str) -> str:
     return SHORT_METRIC_LABELS.get(metric, metric)
 
 
-def _title(summary: Summary, runs: int, where: str) -> str:
-    name = summary.study.name if summary.study else where
+def _title(summary: Summary, runs: int, folder: str) -> str:
+    """The study's name, else the runs' folder name; how many runs; the subset unless it is "all"."""
+    name = summary.study.name if summary.study else folder
     subset = "" if summary.subset == ALL_SUBSET else f", {summary.subset} subset"
     return f"{name}: {runs} runs{subset}"
 
