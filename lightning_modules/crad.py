@@ -26,8 +26,11 @@ class CRAD(AnomalyDetector):
         backbone: timm name of the frozen feature extractor (the paper: tf_efficientnet_b4).
         layers: backbone blocks resized to the finest one and concatenated (b4: blocks.2 + blocks.4 = 56 + 160
             channels at strides 8 and 16).
-        pretrained: true (fail without weights), "auto" (random weights with a warning) or false.
+        pretrained: true (fail without weights), "auto" (random weights with a warning), "file" (weights_file only:
+            the paper configs, whose weights no timm tag is shown to equal) or false.
         weights_file: a local weights file for the backbone (timm layout, or lukemelas, e.g. efficientnet-b4-6ed6700e.pth).
+        backbone_padding: dynamic (timm's TF "same" padding, computed per input) or lukemelas (the static padding of
+            the lukemelas EfficientNet-PyTorch port that the official code runs, computed for b4's 380 px).
         image_size: taken from data.image_size; leave unset (a multiple of the layers' largest stride).
         grids: both (the paper), local (pixel-wise grid only) or global (image-wise grid only).
         local_grid_size: resolution R of the local grid, R×R cells of C-d vectors (8).
@@ -61,6 +64,7 @@ class CRAD(AnomalyDetector):
         layers: list[str] | None = None,
         pretrained: bool | str = True,
         weights_file: str | None = None,
+        backbone_padding: str = "dynamic",
         image_size: int | None = None,
         grids: str = "both",
         local_grid_size: int = 8,
@@ -88,7 +92,7 @@ class CRAD(AnomalyDetector):
         self.save_hyperparameters()
         self.model = CRADModel(
             backbone=backbone, layers=layers or ["blocks.2", "blocks.4"], pretrained=pretrained,
-            weights_file=weights_file, image_size=image_size or 224, grids=grids, local_grid_size=local_grid_size,
+            weights_file=weights_file, backbone_padding=backbone_padding, image_size=image_size or 224, grids=grids, local_grid_size=local_grid_size,
             global_grid_size=global_grid_size, blocks=blocks, expansion_ratio=expansion_ratio, jitter_std=jitter_std,
             jitter_probability=jitter_probability, refinement=refinement, gate_weight=gate_weight,
             cosine_weight=cosine_weight, gate_scale=gate_scale, smoothing_size=smoothing_size,

@@ -33,8 +33,11 @@ class OneNIP(AnomalyDetector):
     Args:
         backbone: timm name of the frozen feature extractor (the paper: tf_efficientnet_b4).
         layers: backbone blocks whose maps are resized to stride 16 and concatenated (b4: strides 2/4/8/16, 272 channels).
-        pretrained: true (fail without weights), "auto" (random weights with a warning) or false.
+        pretrained: true (fail without weights), "auto" (random weights with a warning), "file" (weights_file only:
+            the paper configs, whose weights no timm tag is shown to equal) or false.
         weights_file: a local weights file for the backbone (timm layout, or lukemelas, e.g. efficientnet-b4-6ed6700e.pth).
+        backbone_padding: dynamic (timm's TF "same" padding, computed per input) or lukemelas (the static padding of
+            the lukemelas EfficientNet-PyTorch port that the official code runs, computed for b4's 380 px).
         image_size: taken from data.image_size; leave unset (a multiple of 16).
         hidden_dim: transformer width (256).
         heads: attention heads (8).
@@ -71,6 +74,7 @@ class OneNIP(AnomalyDetector):
         layers: list[str] | None = None,
         pretrained: bool | str = True,
         weights_file: str | None = None,
+        backbone_padding: str = "dynamic",
         image_size: int | None = None,
         hidden_dim: int = 256,
         heads: int = 8,
@@ -102,8 +106,8 @@ class OneNIP(AnomalyDetector):
         self.save_hyperparameters()
         self.model = OneNIPModel(
             backbone=backbone, layers=layers or ["blocks.0", "blocks.1", "blocks.2", "blocks.4"],
-            pretrained=pretrained, weights_file=weights_file, image_size=image_size or 224, hidden_dim=hidden_dim,
-            heads=heads, ffn_dim=ffn_dim, dropout=dropout, encoder_layers=encoder_layers,
+            pretrained=pretrained, weights_file=weights_file, backbone_padding=backbone_padding,
+            image_size=image_size or 224, hidden_dim=hidden_dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout, encoder_layers=encoder_layers,
             decoder_layers=decoder_layers, neighbour_window=neighbour_window, jitter_scale=jitter_scale,
             jitter_probability=jitter_probability, prompt=prompt, prompt_selection=prompt_selection,
             use_refiner=use_refiner, fusion_weights=fusion_weights, score_pool_size=score_pool_size,

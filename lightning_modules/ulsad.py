@@ -28,7 +28,8 @@ class ULSAD(AnomalyDetector):
     Args:
         backbone: timm name of the frozen feature extractor (the paper: WideResNet-50).
         layers: the two backbone layers fused into the features; the first must have stride 8.
-        pretrained: true (fail without weights), "auto" (random weights with a warning) or false.
+        pretrained: true (fail without weights), "auto" (random weights with a warning), "file" (weights_file only:
+            the paper configs, whose weights no timm tag is shown to equal) or false.
         weights_file: a local weights file for the backbone (timm layout, or lukemelas for tf_efficientnet).
         image_size: taken from data.image_size; leave unset.
         feature_channels: C, the width the two layers are channel-averaged to (the paper's 384 = 512 + 1024

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from networks.efficientnet_padding import PADDING_MODES, use_lukemelas_padding
 from networks.efficientnet_weights import convert_lukemelas_state_dict, is_lukemelas_layout
 
 logger = logging.getLogger(__name__)
@@ -258,13 +259,22 @@ def resolve_pretrained_weights(
 
     Returns (state_dict or None for random weights, human-readable source). `pretrained` is
     True (fail clearly when nothing is found), "auto" (fall back to random weights with a loud
-    warning) or False (random weights, no lookup). A `weights_file` that does not exist is an
+    warning), "file" (only an explicit `weights_file`: for configs whose paper names a weights file
+    that no timm tag is known to equal) or False (random weights, no lookup). A `weights_file` that does not exist is an
     error in every mode, because the user named it explicitly.
     """
-    if not (isinstance(pretrained, bool) or pretrained == "auto"):
-        raise ValueError(f"pretrained must be True, False or 'auto', got {pretrained!r}")
+    if not (isinstance(pretrained, bool) or pretrained in ("auto", "file")):
+        raise ValueError(f"pretrained must be True, False, 'auto' or 'file', got {pretrained!r}")
     if _weights_restored_later:
         return None, RESTORED_FROM_CHECKPOINT
+    if pretrained == "file" and weights_file is None:
+        raise ValueError(
+            f"pretrained='file' loads {model_name!r} from a weights_file only, and none was given: pass "
+            "--model.init_args.weights_file=/path/to/weights.pth. The paper configs ask for the file the official code "
+            "loads (efficientnet-b4-6ed6700e.pth, lukemelas EfficientNet-PyTorch), because timm's default weights for "
+            "this name are another training run's (tf_efficientnet_b4 → ns_jft_in1k, Noisy Student); to use timm's "
+            "weights anyway, set pretrained=true and name the tag, e.g. backbone=tf_efficientnet_b4.aa_in1k."
+        )
     if pretrained is False:
         if weights_file is not None:
             raise ValueError(
@@ -378,6 +388,10 @@ class FeatureExtractor(nn.Module):
     configuration happens inside (`.input_mean`, `.input_std`). Always in eval mode with no
     gradients, so its BatchNorm statistics never change. Output: a list of maps in the order of
     `layers`, with `.channels` and `.reductions` (strides) alongside.
+
+    `padding`: "dynamic" (timm: TF "same" padding computed for each input) or "lukemelas" (the static padding the
+    lukemelas EfficientNet-PyTorch port computes for the variant's native size, as the official OneNIP and CRAD
+    code run b4; `networks/efficientnet_padding.py`).
     """
 
     def __init__(
@@ -386,9 +400,13 @@ class FeatureExtractor(nn.Module):
         layers: Sequence[str] = ("layer2", "layer3"),
         pretrained: Pretrained = True,
         weights_file: str | None = None,
+        padding: str = "dynamic",
     ) -> None:
         super().__init__()
+        if padding not in PADDING_MODES:
+            raise ValueError(f"backbone padding must be one of {PADDING_MODES}, got {padding!r}")
         self.name = name
+        self.padding = padding
         self.layers = list(layers)
         indices = layer_indices(name, self.layers)
         state_dict, self.weights_source = resolve_pretrained_weights(name, pretrained, weights_file)
@@ -399,6 +417,8 @@ class FeatureExtractor(nn.Module):
         )
         if state_dict is not None:
             load_backbone_state_dict(self.model, state_dict, self.weights_source)
+        if padding == "lukemelas":
+            use_lukemelas_padding(self.model, name)
         logger.info("Backbone %s %s: weights from %s", name, self.layers, self.weights_source)
         channels, reductions = self.model.feature_info.channels(), self.model.feature_info.reduction()
         self.channels = [channels[position] for position in self._order]
@@ -415,7 +435,9 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        normalized = self.normalize(images).contiguous(memory_format=torch.channels_last)
+        normalized = self.normalize(images)
+        if normalized.dtype != torch.float64:  # float64 (the equality tests) has no fast channels_last kernels on CPU
+            normalized = normalized.contiguous(memory_format=torch.channels_last)
         features = self.model(normalized)
         return [features[position] for position in self._order]
 

@@ -131,6 +131,7 @@ class CRADModel(AnomalyModel):
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pretrained: Pretrained = True,
         weights_file: str | None = None,
+        backbone_padding: str = "dynamic",
         image_size: int = 224,
         grids: str = "both",
         local_grid_size: int = 8,
@@ -153,7 +154,7 @@ class CRADModel(AnomalyModel):
             raise ValueError(f"smoothing_size must be odd (a centred box filter), got {smoothing_size}")
         if not 1 <= score_pool_size <= image_size:
             raise ValueError(f"score_pool_size must lie in [1, image_size={image_size}], got {score_pool_size}")
-        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
+        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file, backbone_padding)
         stride = min(self.feature_extractor.reductions)
         if image_size % max(self.feature_extractor.reductions):
             raise ValueError(f"image_size {image_size} must be a multiple of the backbone layers' largest stride "

@@ -170,6 +170,7 @@ class OneNIPModel(AnomalyModel):
         layers: Sequence[str] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4"),
         pretrained: Pretrained = True,
         weights_file: str | None = None,
+        backbone_padding: str = "dynamic",
         image_size: int = 224,
         hidden_dim: int = 256,
         heads: int = 8,
@@ -202,7 +203,7 @@ class OneNIPModel(AnomalyModel):
         self.jitter_scale, self.jitter_probability = jitter_scale, jitter_probability
         self.input_fields = ("category_index",) if prompt != "none" and prompt_selection == "label" else ()
 
-        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file)
+        self.feature_extractor = FeatureExtractor(backbone, layers, pretrained, weights_file, backbone_padding)
         self.channels = sum(self.feature_extractor.channels)
         self.grid = image_size // FEATURE_STRIDE
         # k = feature_size // 2, so the effective window is 2·(k // 2) + 1 (spec §3, surprise 9).
