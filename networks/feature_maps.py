@@ -9,12 +9,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def at_least_float32(tensor: Tensor) -> Tensor:
+    """bf16/fp16 (autocast) lifted to float32; float32 and float64 kept (float64: the equality tests with the
+    official code)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def fuse_to_stride(maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
     """Every map resized to ``size`` by bilinear interpolation with align_corners=True (the official neck's
     ``UpsamplingBilinear2d`` in OneNIP and CRAD; larger maps are subsampled, with no anti-aliasing: OneNIP spec
     surprise 13), then
     concatenated along channels. Float32 whatever the autocast: these are the regression targets."""
-    resized = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=True) for m in maps]
+    resized = [F.interpolate(at_least_float32(m), size=size, mode="bilinear", align_corners=True) for m in maps]
     return torch.cat(resized, dim=1)
 
 
@@ -25,4 +31,4 @@ def window_mean(maps: Tensor, size: int) -> Tensor:
     return F.avg_pool2d(F.avg_pool2d(maps, (size, 1), stride=1), (1, size), stride=1)
 
 
-__all__ = ["fuse_to_stride", "window_mean"]
+__all__ = ["at_least_float32", "fuse_to_stride", "window_mean"]

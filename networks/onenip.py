@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from networks.anomaly_model import AnomalyModel, AnomalyOutput
 from networks.backbones import FeatureExtractor, Pretrained
-from networks.feature_maps import fuse_to_stride, window_mean
+from networks.feature_maps import at_least_float32, fuse_to_stride, window_mean
 
 PROMPT_MODES = ("none", "static", "dynamic")
 PROMPT_SELECTIONS = ("similarity", "label")
@@ -54,8 +54,8 @@ def jitter_features(tokens: Tensor, scale: float) -> Tensor:
 def dice_loss(logits: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:
     """OneNIP's Dice loss exactly as its code has it (spec §7, surprise 4): per sample,
     1 − (Σ p·g + s) / (Σ p² + Σ g² + s) with p = sigmoid(logits), no factor 2, averaged over samples."""
-    p = torch.sigmoid(logits.float()).flatten(1)
-    g = masks.float().flatten(1)
+    p = torch.sigmoid(at_least_float32(logits)).flatten(1)
+    g = masks.to(p.dtype).flatten(1)
     return (1 - ((p * g).sum(1) + smooth) / (p.pow(2).sum(1) + g.pow(2).sum(1) + smooth)).mean()
 
 
@@ -135,7 +135,7 @@ class Refiner(nn.Module):
 
     def forward(self, difference: Tensor, size: tuple[int, int]) -> Tensor:
         logits = self.predictor(self.blocks(difference))
-        return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)
+        return F.interpolate(at_least_float32(logits), size=size, mode="bilinear", align_corners=True)
 
 
 def _xavier_init(module: nn.Module) -> None:
@@ -338,7 +338,7 @@ class OneNIPModel(AnomalyModel):
             prompt, image = layer(prompt, image, pos, allowed)
         prompt = prompt + self.final_dropout(self.final_attention(prompt + pos, image + pos, image))  # unmasked
         reconstruction = self.output_proj(self.decoder_norm(prompt))
-        return einops.rearrange(reconstruction.float(), "b (h w) c -> b c h w", h=self.grid)
+        return einops.rearrange(at_least_float32(reconstruction), "b (h w) c -> b c h w", h=self.grid)
 
     def refiner_logits(self, difference: Tensor) -> Tensor:
         """Refiner logits B×1×S×S from |r − F(x_in)|."""
@@ -349,7 +349,7 @@ class OneNIPModel(AnomalyModel):
         """A_rec = ‖r − F‖₂ upsampled (align_corners=True); fused with the refiner's probability map; score =
         max of the map average-pooled over score_pool_size² windows with stride 1 (spec §8)."""
         size = (self.image_size, self.image_size)
-        difference = reconstruction.float() - features.float()
+        difference = at_least_float32(reconstruction) - at_least_float32(features)
         anomaly_map = F.interpolate(difference.norm(dim=1, keepdim=True), size=size, mode="bilinear",
                                     align_corners=True)
         if self.refiner is not None:
@@ -359,7 +359,7 @@ class OneNIPModel(AnomalyModel):
 
     def reconstruction_map_range(self, features: Tensor, reconstruction: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image max and min of the upsampled reconstruction map A_rec (what the fusion scale is fitted on)."""
-        difference = reconstruction.float() - features.float()
+        difference = at_least_float32(reconstruction) - at_least_float32(features)
         a_rec = F.interpolate(difference.norm(dim=1, keepdim=True), size=(self.image_size, self.image_size),
                               mode="bilinear", align_corners=True).flatten(1)
         return a_rec.amax(dim=1), a_rec.amin(dim=1)

@@ -1,0 +1,105 @@
+"""Record the official OneNIP's outputs on fixed inputs, for ``tests/test_onenip_official.py``.
+
+The official code (github.com/gaobb/OneNIP at OFFICIAL_COMMIT) is not copied into this repository: pass a checkout
+of it (e.g. from ``git clone`` or the search tool's ``fetch``) and this script writes ``onenip_e93dec5.pt`` beside
+itself. It builds the official ``OneNIP`` reconstruction module (models/reconstructions/onenip.py, with its
+transformer, bidirectional decoder, refiner and neck-less input) in float64 on the CPU with the weights of
+``official_weights.seeded_weights`` (a function of each parameter's official name and shape only, so the test
+gives our network the same numbers), runs it in eval mode on fixed features and prompts, records its
+intermediates, then makes one training step (dropout and jitter off, so the step is deterministic) with the
+official losses, clipping and AdamW, and records the losses and the updated weights' fingerprints.
+
+    python tests/official/record_onenip.py /path/to/OneNIP
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from official_weights import FIXTURE_SETTINGS as S  # noqa: E402
+from official_weights import fingerprint, fixed_inputs, seeded_weights  # noqa: E402
+
+OFFICIAL_COMMIT = "e93dec5"
+
+
+def build_official(code: Path, dropout: float, jitter: bool) -> torch.nn.Module:
+    sys.path.insert(0, str(code))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code puts its mask and noise on CUDA
+    from models.reconstructions import onenip as official
+
+    generate_mask = official.Transformer.generate_mask
+    official.Transformer.generate_mask = lambda self, *a: generate_mask(self, *a).double()  # float64 throughout
+
+    class Config(dict):
+        __getattr__ = dict.get
+
+    grid = S["grid"]
+    return official.OneNIP(
+        inplanes=[S["channels"]], instrides=[16], feature_size=[grid, grid],
+        feature_jitter=Config(scale=20.0, prob=1.0) if jitter else None,
+        neighbor_mask=Config(neighbor_size=[grid // 2, grid // 2], mask=[True, True, True]), hidden_dim=256,
+        pos_embed_type="learned", save_recon=None, initializer={"method": "xavier_uniform"}, nhead=8,
+        num_encoder_layers=S["layers"], num_decoder_layers=S["layers"], dim_feedforward=S["ffn_dim"],
+        dropout=dropout, activation="relu", normalize_before=False).double()
+
+
+def main(code: Path) -> None:
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    if commit and not OFFICIAL_COMMIT.startswith(commit[:7]):
+        raise SystemExit(f"{code} is at {commit}, not the official commit {OFFICIAL_COMMIT}")
+    model = build_official(code, dropout=0.1, jitter=True)
+    weights = seeded_weights(model.state_dict())
+    model.load_state_dict(weights)
+    inputs = fixed_inputs()
+    record: dict = {"commit": OFFICIAL_COMMIT, "settings": dict(S),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "shapes": {name: (tuple(v.shape), str(v.dtype)) for name, v in model.state_dict().items()}}
+    steps = {}
+
+    def keep(name):
+        return lambda module, args, output: steps.__setitem__(name, output)
+
+    model.transformer.encoder.register_forward_hook(keep("encoder"))
+    model.transformer.decoder.register_forward_hook(keep("decoder"))
+    model.eval()
+    with torch.no_grad():
+        out = model({"query_feat": inputs["query"], "prompt_feat": inputs["prompt"]})
+    record["eval"] = {"encoder": steps["encoder"], "decoder": steps["decoder"], "reconstruction": out["rec_feat"],
+                      "refiner_logits": out["ref_logit"], "reconstruction_map": out["rec_pred"]}
+
+    # One training step, deterministic: no dropout, no jitter (the step's other randomness: none).
+    from utils.criterion_helper import DiceLoss
+
+    model = build_official(code, dropout=0.0, jitter=False)
+    # The decoder's final attention hard-codes its dropout (0.1, whatever the config says): off for this step.
+    model.transformer.decoder.final_attn_token_to_image.dropout = 0.0
+    model.transformer.decoder.dropout.p = 0.0
+    model.load_state_dict(weights)
+    model.train()
+    out = model({"query_feat": inputs["query"], "synthetic_feat": inputs["synthetic"], "prompt_feat": inputs["prompt"]})
+    masks = torch.cat([torch.zeros_like(inputs["mask"]), inputs["mask"]])
+    mse = torch.nn.functional.mse_loss(out["rec_feat"], out["target_feat"])
+    dice = DiceLoss(weight=0.5)({"mask": masks, "ref_logit": out["ref_logit"]})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4)
+    optimizer.zero_grad()
+    (mse + 0.5 * dice).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+    record["train_step"] = {"loss_mse": mse.detach(), "loss_dice": dice.detach(),
+                            "updated": {name: fingerprint(value) for name, value in model.state_dict().items()}}
+    torch.save(record, HERE / f"onenip_{OFFICIAL_COMMIT}.pt")
+    print(f"wrote {HERE / f'onenip_{OFFICIAL_COMMIT}.pt'}: {record['parameters']} parameters")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(Path(sys.argv[1]))
