@@ -17,6 +17,7 @@ The features are computed once into --cache (≈ 0.3 GB; 6 epochs of synthetic a
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ class OfficialAdapter(torch.nn.Module):
         super().__init__()
         sys.path.insert(0, str(code))
         torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code moves masks and noise to CUDA
-        from models.reconstructions.onenip import OneNIP as Official
+        # the official checkout's own package (on sys.path above), not a dependency of this project
+        Official = importlib.import_module("models.reconstructions.onenip").OneNIP
 
         class Config(dict):
             __getattr__ = dict.get

@@ -14,6 +14,7 @@ official losses, clipping and AdamW, and records the losses and the updated weig
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,8 @@ OFFICIAL_COMMIT = "e93dec5"
 def build_official(code: Path, dropout: float, jitter: bool) -> torch.nn.Module:
     sys.path.insert(0, str(code))
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the official code puts its mask and noise on CUDA
-    from models.reconstructions import onenip as official
+    # the official checkout's own packages (on sys.path above), not dependencies of this project
+    official = importlib.import_module("models.reconstructions.onenip")
 
     generate_mask = official.Transformer.generate_mask
     official.Transformer.generate_mask = lambda self, *a: generate_mask(self, *a).double()  # float64 throughout
@@ -76,7 +78,7 @@ def main(code: Path) -> None:
                       "refiner_logits": out["ref_logit"], "reconstruction_map": out["rec_pred"]}
 
     # One training step, deterministic: no dropout, no jitter (the step's other randomness: none).
-    from utils.criterion_helper import DiceLoss
+    DiceLoss = importlib.import_module("utils.criterion_helper").DiceLoss
 
     model = build_official(code, dropout=0.0, jitter=False)
     # The decoder's final attention hard-codes its dropout (0.1, whatever the config says): off for this step.
