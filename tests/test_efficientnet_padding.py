@@ -13,6 +13,7 @@ import yaml
 
 from networks.backbones import FeatureExtractor, resolve_pretrained_weights
 from networks.efficientnet_padding import StaticPaddedConv2d, native_size, same_padding
+from tests.test_lukemelas_weights import randomise_batchnorm
 
 OFFICIAL_BLOCKS = (1, 5, 9, 21)  # OneNIP's outlayers [1, 2, 3, 4] (spec §1); CRAD takes 9 and 21
 TIMM_LAYERS = ["blocks.0", "blocks.1", "blocks.2", "blocks.4"]
@@ -30,13 +31,7 @@ def official_b4(tmp_path_factory):
     """lukemelas' b4 (static padding for 380 px) with random weights and non-trivial BN statistics, float64,
     and the same weights written as a lukemelas-layout file."""
     torch.manual_seed(3)
-    network = efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4")
-    for module in network.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
+    network = randomise_batchnorm(efficientnet_pytorch.EfficientNet.from_name("efficientnet-b4"))
     path = tmp_path_factory.mktemp("weights") / "efficientnet-b4-6ed6700e.pth"
     torch.save(network.state_dict(), path)
     return network.double().eval(), path

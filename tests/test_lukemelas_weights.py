@@ -24,13 +24,18 @@ def reference_network(variant: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     package = efficientnet_lite_pytorch if variant.startswith("lite") else efficientnet_pytorch
     network = package.EfficientNet.from_name(f"efficientnet-{variant}", image_size=64)
+    return randomise_batchnorm(network).eval()
+
+
+def randomise_batchnorm(network: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm statistics and affine weights, so a swapped or skipped BN shows in the outputs."""
     for module in network.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
             module.bias.data.uniform_(-0.2, 0.2)
-    return network.eval()
+    return network
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
