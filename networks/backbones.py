@@ -72,16 +72,18 @@ class ChannelNormalize(nn.Module):
     """(x - mean) / std per colour channel, for images in [0, 1].
 
     The buffers are not persistent: they are constants, and keeping them out of the state dict
-    lets weight files written by other code bases load without extra keys.
+    lets weight files written by other code bases load without extra keys. They are held in float64 and
+    cast to the images' dtype: float32 images get float32(0.485) as before, float64 ones (the equality tests
+    with the official code) the constant itself rather than its float32 rounding (1e-7 off, 1e-6 after b4).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(tuple(mean), dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(tuple(std), dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
 
 class ImageNetNormalize(ChannelNormalize):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from networks.anomaly_model import AnomalyModel, AnomalyOutput
 from networks.backbones import FeatureExtractor, Pretrained
-from networks.feature_maps import fuse_to_stride, window_mean
+from networks.feature_maps import at_least_float32, fuse_to_stride, window_mean
 
 GRID_CHOICES = ("both", "local", "global")
 
@@ -74,6 +74,15 @@ def box_smooth(maps: Tensor, size: int) -> Tensor:
     return F.avg_pool2d(rows, (1, size), stride=1, padding=(0, half))
 
 
+class HardSigmoid(nn.Module):
+    """relu6(x + 3) / 6, the official ``Hsigmoid``. Not ``nn.Hardsigmoid``: its backward multiplies by float32's 1/6
+    even in float64 (3e-8 off), which put a float64 training step 1e-9 away from the official one; this one
+    is 1e-12 away. The same numbers as ``nn.Hardsigmoid`` in float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
 class InvertedResidual(nn.Module):
     """The official ``MobileBottleneck`` (k=3, stride 1, SE, h-swish), spec §3: 1×1 expand (no bias) → BN →
     h-swish → 3×3 depthwise (no bias) → BN → squeeze-excitation → h-swish → 1×1 project (no bias) → BN, plus
@@ -87,7 +96,7 @@ class InvertedResidual(nn.Module):
         self.depthwise = nn.Sequential(nn.Conv2d(expansion, expansion, 3, padding=1, groups=expansion, bias=False),
                                        nn.BatchNorm2d(expansion))
         self.excitation = nn.Sequential(nn.Linear(expansion, expansion // 4, bias=False), nn.ReLU(),
-                                        nn.Linear(expansion // 4, expansion, bias=False), nn.Hardsigmoid())
+                                        nn.Linear(expansion // 4, expansion, bias=False), HardSigmoid())
         self.activation = nn.Hardswish()
         self.project = nn.Sequential(nn.Conv2d(expansion, channels, 1, bias=False), nn.BatchNorm2d(channels))
 
@@ -206,7 +215,7 @@ class CRADModel(AnomalyModel):
         """(v^l B×2×H×W, v^g B×2), both in (−1, 1), before any jitter; None for a grid the model does not have.
         Float32 even under autocast: a bf16 coordinate would move the sample by up to 1/60 of a local cell."""
         with torch.autocast(features.device.type, enabled=False):
-            features = features.float()
+            features = at_least_float32(features)
             local = None if self.local_coordinates is None else self.local_coordinates(features)
             pooled = features.mean(dim=(2, 3))
             global_ = None if self.global_coordinates is None else self.global_coordinates(pooled)
@@ -226,27 +235,27 @@ class CRADModel(AnomalyModel):
         with torch.autocast(features.device.type, enabled=False):
             if global_ is not None:
                 shape = (self.channels, self.feature_size, self.feature_size)
-                sampled.append(sample_global_grid(self.global_grid.float(), global_, shape))
+                sampled.append(sample_global_grid(at_least_float32(self.global_grid), global_, shape))
             if local is not None:
-                sampled.append(sample_local_grid(self.local_grid.float(), self.jitter(local)))
+                sampled.append(sample_local_grid(at_least_float32(self.local_grid), self.jitter(local)))
         return torch.cat(sampled, dim=1)
 
     def reconstruct(self, features: Tensor) -> Tensor:
         """f^n: the normal features the grids and the fusion CNN give for these features, B×C×H×W float32."""
         fused = self.fusion(self.sample_grids(features).contiguous(memory_format=torch.channels_last))
-        return self.recover(fused).float()
+        return at_least_float32(self.recover(fused))
 
     def refined(self, features: Tensor, reconstruction: Tensor) -> Tensor:
         """x̂ (spec §3), or f^n itself when refinement is off."""
         if not self.refinement:
             return reconstruction
-        return refine(features.float(), reconstruction.float(), self.gate_weight, self.cosine_weight, self.gate_scale)
+        return refine(at_least_float32(features), at_least_float32(reconstruction), self.gate_weight, self.cosine_weight, self.gate_scale)
 
     # ------------------------------------------------------------------ inference
     def maps_and_score(self, features: Tensor, reconstruction: Tensor) -> AnomalyOutput:
         """d = ‖x̂ − x‖₂ over channels, bilinear (align_corners=True) to the image, box-smoothed; score = max of the
         score_pool_size² window mean, stride 1, no padding (spec §5)."""
-        disparity = (self.refined(features, reconstruction) - features.float()).norm(dim=1, keepdim=True)
+        disparity = (self.refined(features, reconstruction) - at_least_float32(features)).norm(dim=1, keepdim=True)
         upsampled = F.interpolate(disparity, size=(self.image_size, self.image_size), mode="bilinear",
                                   align_corners=True)
         anomaly_map = box_smooth(upsampled, self.smoothing_size)

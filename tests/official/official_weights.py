@@ -6,6 +6,7 @@ so the fixture needs no weight file: the test regenerates the same numbers and m
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import torch
@@ -13,12 +14,19 @@ import torch
 # A small OneNIP: the official module fixes the hidden width at 256 (its final attention is hard-coded); fewer
 # channels, layers and a narrower FFN keep the recording small. 96 px → a 6×6 token grid, neighbour window 3.
 FIXTURE_SETTINGS = {"channels": 16, "grid": 6, "image_size": 96, "layers": 2, "ffn_dim": 64, "batch": 2}
+# A small CRAD on the whole official pipeline (b4 backbone, neck, grids, fusion, refinement, scoring): the official
+# bottleneck hard-codes 432 = 2 × 216 channels, so b4's two levels stay; 128 px → 16×16 features, two bottlenecks.
+# The refinement gate opens at MSE ≤ 0.5 / gate_scale: 0.54 puts that at these weights' median per-pixel MSE
+# (≈ 0.93), so the recording has pixels on both sides (the paper's 0.05 would open it everywhere here).
+CRAD_FIXTURE_SETTINGS = {"image_size": 128, "batch": 2, "blocks": 2, "expansion": 864, "smoothing": 21, "pool": 32,
+                         "gate_scale": 0.54}
 
 
 def seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """float64 weights for every entry of a state dict: U(−1/√fan_in, 1/√fan_in) for matrices and kernels,
-    U(−0.1, 0.1) for biases, 1 + U(−0.1, 0.1) for norm scales, U(0, 1) for positional tables, positive BN
-    variances; the BN batch counter is copied."""
+    U(−0.1, 0.1) for biases, 1 + U(−0.1, 0.1) for norm scales, U(0, 1) for positional tables, U(−1, 1) for CRAD's
+    grids (official names ``query.0/1``: read at full scale, not at a fan-in's), positive BN variances; the BN batch
+    counter is copied."""
     weights = {}
     for name, value in shapes.items():
         if not value.is_floating_point():
@@ -30,6 +38,8 @@ def seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             weights[name] = 0.5 + draw
         elif "embed" in name:
             weights[name] = draw
+        elif re.search(r"(^|\.)query\.\d+$", name):
+            weights[name] = 2 * draw - 1
         elif value.dim() >= 2:
             bound = value[0].numel() ** -0.5
             weights[name] = (2 * draw - 1) * bound
@@ -38,6 +48,13 @@ def seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             weights[name] = 0.2 * (draw - 0.5)
     return weights
+
+
+def crad_seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``seeded_weights`` for the official CRAD pipeline, its backbone's rounded to float32: a backbone weight file is
+    loaded into a float32 timm network before any ``.double()``, so only float32-exact numbers reach it unchanged."""
+    return {name: value.float().double() if name.startswith("backbone.") and value.is_floating_point() else value
+            for name, value in seeded_weights(shapes).items()}
 
 
 def fixed_inputs() -> dict[str, torch.Tensor]:
@@ -52,8 +69,20 @@ def fixed_inputs() -> dict[str, torch.Tensor]:
     return features
 
 
-def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum, sum of squares and 16 fixed entries of a tensor, float64: enough to tell two updated weights apart."""
+def fixed_images() -> torch.Tensor:
+    """B images in [0, 1] (float64, B×3×S×S) for the CRAD recording: smooth random fields, so the backbone sees
+    structure at every scale rather than pixel noise alone."""
+    s = CRAD_FIXTURE_SETTINGS
+    generator = torch.Generator().manual_seed(24)
+    coarse = torch.rand((s["batch"], 3, 8, 8), generator=generator, dtype=torch.float64)
+    fine = torch.rand((s["batch"], 3, s["image_size"], s["image_size"]), generator=generator, dtype=torch.float64)
+    smooth = torch.nn.functional.interpolate(coarse, size=(s["image_size"],) * 2, mode="bicubic", align_corners=False)
+    return (0.8 * smooth + 0.2 * fine).clamp(0, 1)
+
+
+def fingerprint(tensor: torch.Tensor, picks: int = 16) -> torch.Tensor:
+    """Sum, sum of squares and `picks` evenly spaced entries of a tensor, float64: 16 tell two updated weights
+    apart; a few thousand stand for a large intermediate without storing all of it."""
     flat = tensor.detach().double().flatten()
-    picks = flat[torch.linspace(0, flat.numel() - 1, 16).long()] if flat.numel() else flat
-    return torch.cat([flat.sum()[None], flat.pow(2).sum()[None], picks])
+    entries = flat[torch.linspace(0, flat.numel() - 1, picks).long()] if flat.numel() else flat
+    return torch.cat([flat.sum()[None], flat.pow(2).sum()[None], entries])
