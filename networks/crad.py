@@ -77,7 +77,7 @@ def box_smooth(maps: Tensor, size: int) -> Tensor:
 class HardSigmoid(nn.Module):
     """relu6(x + 3) / 6, the official ``Hsigmoid``. Not ``nn.Hardsigmoid``: its backward multiplies by float32's 1/6
     even in float64 (3e-8 off), which put a float64 training step 1e-9 away from the official one; this one
-    is 1e-12 away. The same numbers as ``nn.Hardsigmoid`` in float32."""
+    is 1e-12 away. In float32 the two agree to rounding."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu6(x + 3.0) / 6.0

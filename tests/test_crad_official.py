@@ -2,7 +2,7 @@
 
 ``tests/official/crad_b5a1c47.pt`` was written by ``tests/official/record_crad.py`` from the official pipeline
 (vendored lukemelas EfficientNet-b4, MFCN neck, CRAD reconstruction, the official evaluator's smoothing and image
-score). The weights are regenerated here from the official parameter names (``official_weights.crad_seeded_weights``,
+score). The weights are regenerated here from the official parameter names (``official_weights.pipeline_seeded_weights``,
 plus the recorded backbone BatchNorm statistics); the backbone's reach ours as a lukemelas-layout file through
 ``pretrained: file`` with ``backbone_padding: lukemelas``, as the paper configs load the official weights; the rest
 is renamed to ours. Compared: both backbone levels, the fused features, both coordinates, the grid reads, the
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lightning_modules.crad import CRAD
 from networks.crad import CRADModel
 from tests.official.official_weights import CRAD_FIXTURE_SETTINGS as S
-from tests.official.official_weights import crad_seeded_weights, fingerprint, fixed_images
+from tests.official.official_weights import fingerprint, fixed_images, regenerated_weights, save_backbone_file
 
 RECORDING = Path(__file__).parent / "official" / "crad_b5a1c47.pt"
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-10}  # float64 on both sides; the issue asks for ≤ 1e-5
@@ -56,18 +56,14 @@ def recording():
 
 @pytest.fixture(scope="module")
 def official_weights(recording):
-    weights = crad_seeded_weights({name: torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
-                              for name, (shape, dtype) in recording["shapes"].items()})
-    weights.update({name: value.double() for name, value in recording["backbone_statistics"].items()})
-    return weights
+    return regenerated_weights(recording["shapes"], recording["backbone_statistics"])
 
 
 @pytest.fixture(scope="module")
 def backbone_file(official_weights, tmp_path_factory):
     """The official backbone's weights as a file in the lukemelas layout (the official b4 file's layout)."""
     path = tmp_path_factory.mktemp("official") / "efficientnet-b4-seeded.pth"
-    torch.save({name.removeprefix("backbone."): value for name, value in official_weights.items()
-                if name.startswith("backbone.")}, path)
+    save_backbone_file(official_weights, path)
     return path
 
 

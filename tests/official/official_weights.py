@@ -50,11 +50,26 @@ def seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return weights
 
 
-def crad_seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``seeded_weights`` for the official CRAD pipeline, its backbone's rounded to float32: a backbone weight file is
-    loaded into a float32 timm network before any ``.double()``, so only float32-exact numbers reach it unchanged."""
+def pipeline_seeded_weights(shapes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``seeded_weights`` for an official pipeline (``backbone.``, ``neck.``, ``reconstruction.``), the backbone's
+    rounded to float32: a backbone weight file is loaded into a float32 timm network before any ``.double()``, so
+    only float32-exact numbers reach it unchanged."""
     return {name: value.float().double() if name.startswith("backbone.") and value.is_floating_point() else value
             for name, value in seeded_weights(shapes).items()}
+
+
+def regenerated_weights(shapes: dict, statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A recording's weights from its ``shapes`` (name → (shape, dtype)) and its calibrated backbone statistics."""
+    weights = pipeline_seeded_weights({name: torch.zeros(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
+                                       for name, (shape, dtype) in shapes.items()})
+    weights.update({name: value.double() for name, value in statistics.items()})
+    return weights
+
+
+def save_backbone_file(weights: dict[str, torch.Tensor], path) -> None:
+    """The ``backbone.`` entries as a weight file in the lukemelas layout, as the official b4 file has it."""
+    torch.save({name.removeprefix("backbone."): value for name, value in weights.items()
+                if name.startswith("backbone.")}, path)
 
 
 def fixed_inputs() -> dict[str, torch.Tensor]:

@@ -1,16 +1,16 @@
 """Record the official CRAD's outputs on fixed images, for ``tests/test_crad_official.py``.
 
-The official code (github.com/tae-mo/CRAD at OFFICIAL_COMMIT) is not copied into this repository: pass a checkout of
-it (``git clone`` or the search tool's ``fetch``) and this script writes ``crad_b5a1c47.pt`` beside itself. It builds
-the official pipeline as ``models/model_helper.py`` chains it (the vendored lukemelas EfficientNet-b4 with blocks 9
-and 21 out, the MFCN neck, the CRAD reconstruction) in float64 on the CPU, with the weights of
-``official_weights.crad_seeded_weights`` (a function of each parameter's official name and shape only, so the test
-gives our network the same numbers) and the backbone's BatchNorm statistics calibrated on a few images (stored,
-float32-rounded: with arbitrary statistics a random b4 maps every image to the same features), runs it in eval mode on fixed images normalised as the official dataset does,
-records every intermediate and the official evaluator's map and image score, then makes one training step
-(coordinate noise off, so the step is deterministic) with the official loss, clipping and AdamW groups, and records
-the loss and the updated weights' fingerprints. It also records the official parameter counts of CRAD and CRAD-S
-at the paper's 224 px.
+The official code (github.com/tae-mo/CRAD at OFFICIAL_COMMIT) is not copied into this repository: pass a
+checkout of it (``git clone`` or the search tool's ``fetch``) and this script writes ``crad_b5a1c47.pt`` beside
+itself. It builds the official pipeline as ``models/model_helper.py`` chains it (the vendored lukemelas
+EfficientNet-b4 with blocks 9 and 21 out, the MFCN neck, the CRAD reconstruction) in float64 on the CPU, with the
+weights of ``official_weights.pipeline_seeded_weights`` (a function of each parameter's official name and shape
+only, so the test gives our network the same numbers) and the backbone's BatchNorm statistics calibrated on a few
+images (``official_backbone``; stored, float32-rounded). It runs it in eval mode on fixed images normalised as the
+official dataset does and records every intermediate and the official evaluator's map and image score, then makes
+one training step (coordinate noise off, so the step is deterministic) with the official loss, clipping and AdamW
+groups and records the loss, the gradients and the updated weights' fingerprints. It also records the official
+parameter counts of CRAD and CRAD-S at the paper's 224 px.
 
     pip install tabulate scikit-learn   # the official evaluator's imports, not this project's dependencies
     python tests/official/record_crad.py /path/to/CRAD
@@ -19,7 +19,6 @@ at the paper's 224 px.
 from __future__ import annotations
 
 import importlib
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from official_weights import CRAD_FIXTURE_SETTINGS as S  # noqa: E402
-from official_weights import crad_seeded_weights, fingerprint, fixed_images  # noqa: E402
+from official_backbone import calibrated_backbone_statistics, normalise
+from official_weights import CRAD_FIXTURE_SETTINGS as S
+from official_weights import fingerprint, fixed_images, pipeline_seeded_weights
 
 OFFICIAL_COMMIT = "b5a1c47"
 INTERMEDIATE_PICKS = 4096  # entries kept of each large intermediate (plus its sum and sum of squares)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # experiments/config.yaml
 
 
 def reconstruction_kwargs(image_size: int, blocks: int, expansion: int, noise_std: float) -> dict:
@@ -59,37 +58,6 @@ def build_official(code: Path, noise_std: float) -> torch.nn.Sequential:
     return torch.nn.ModuleDict({"backbone": backbone, "neck": neck, "reconstruction": reconstruction}).double()
 
 
-def calibrated_backbone_statistics(model: torch.nn.ModuleDict) -> dict[str, torch.Tensor]:
-    """The running mean and variance of the backbone's BatchNorm layers up to block 21 (the last one CRAD reads),
-    the exact averages (momentum None) over the fixed images and six blocky ones, rounded to float32."""
-    backbone = model["backbone"]
-    used = re.compile(r"^(_bn0|_blocks\.(\d|1\d|2[01])\..*)$")
-    layers = {name: layer for name, layer in backbone.named_modules()
-              if isinstance(layer, torch.nn.BatchNorm2d) and used.match(name)}
-    for layer in layers.values():
-        layer.momentum = None
-        layer.reset_running_stats()
-    generator = torch.Generator().manual_seed(5)
-    blocky = torch.rand((6, 3, 8, 8), generator=generator, dtype=torch.float64)
-    size = S["image_size"] // 8
-    images = torch.cat([fixed_images(), blocky.repeat_interleave(size, 2).repeat_interleave(size, 3)])
-    settings = backbone._global_params
-    backbone._global_params = settings._replace(drop_connect_rate=None)  # train mode, but no random drop connect
-    backbone.train()
-    with torch.no_grad():
-        backbone({"image": normalise(images)})
-    backbone.eval()
-    backbone._global_params = settings
-    return {f"backbone.{name}.{statistic}": getattr(layer, statistic).float().double()
-            for name, layer in layers.items() for statistic in ("running_mean", "running_var")}
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    return (images - mean) / std
-
-
 def run(model: torch.nn.ModuleDict, images: torch.Tensor) -> dict:
     """ModelHelper.forward: each submodule's outputs added to one dict."""
     state = {"image": normalise(images)}
@@ -99,12 +67,12 @@ def run(model: torch.nn.ModuleDict, images: torch.Tensor) -> dict:
 
 
 def main(code: Path) -> None:
-    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
     if commit and not OFFICIAL_COMMIT.startswith(commit[:7]):
         raise SystemExit(f"{code} is at {commit}, not the official commit {OFFICIAL_COMMIT}")
     model = build_official(code, noise_std=0.05)
-    weights = crad_seeded_weights(model.state_dict())
+    weights = pipeline_seeded_weights(model.state_dict())
     model.load_state_dict(weights)
     statistics = calibrated_backbone_statistics(model)
     weights.update(statistics)

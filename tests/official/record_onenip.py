@@ -7,7 +7,10 @@ transformer, bidirectional decoder, refiner and neck-less input) in float64 on t
 ``official_weights.seeded_weights`` (a function of each parameter's official name and shape only, so the test
 gives our network the same numbers), runs it in eval mode on fixed features and prompts, records its
 intermediates, then makes one training step (dropout and jitter off, so the step is deterministic) with the
-official losses, clipping and AdamW, and records the losses and the updated weights' fingerprints.
+official losses, clipping and AdamW, and records the losses and the updated weights' fingerprints. Separately it
+runs the official backbone and neck (the vendored lukemelas EfficientNet-b4, blocks 1/5/9/21 fused at stride 16 by
+the MFCN neck) on the CRAD recording's fixed images with calibrated BatchNorm statistics (``official_backbone``)
+and records the four levels and the fused features (fingerprints).
 
     python tests/official/record_onenip.py /path/to/OneNIP
 """
@@ -24,10 +27,36 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from official_weights import FIXTURE_SETTINGS as S  # noqa: E402
-from official_weights import fingerprint, fixed_inputs, seeded_weights  # noqa: E402
+from official_backbone import calibrated_backbone_statistics, normalise
+from official_weights import FIXTURE_SETTINGS as S
+from official_weights import fingerprint, fixed_images, fixed_inputs, pipeline_seeded_weights, seeded_weights
 
 OFFICIAL_COMMIT = "e93dec5"
+FEATURE_PICKS = 4096  # entries kept of each backbone level and of the fused features (plus sum and sum of squares)
+
+
+def record_backbone() -> dict:
+    """configs/onenip_config.yaml's backbone (outlayers 1-4 → blocks 1, 5, 9, 21) and neck (stride 16), in eval
+    mode on ``fixed_images`` (the official code must be on sys.path: ``build_official`` puts it there)."""
+    backbones = importlib.import_module("models.backbones")
+    necks = importlib.import_module("models.necks")
+    model = torch.nn.ModuleDict({
+        "backbone": backbones.efficientnet_b4(pretrained=False, outblocks=[1, 5, 9, 21], outstrides=[2, 4, 8, 16]),
+        "neck": necks.MFCN(inplanes=[24, 32, 56, 160], outplanes=[272], instrides=[2, 4, 8, 16], outstrides=[16]),
+    }).double()
+    weights = pipeline_seeded_weights(model.state_dict())
+    model.load_state_dict(weights)
+    statistics = calibrated_backbone_statistics(model)
+    model.load_state_dict({**weights, **statistics})
+    model.eval()
+    with torch.no_grad():
+        state = {"image": normalise(fixed_images())}
+        state.update(model["backbone"](state))
+        fused = model["neck"](state)["query_feat"]
+    return {"shapes": {name: (tuple(v.shape), str(v.dtype)) for name, v in model.state_dict().items()},
+            "statistics": {name: value.float() for name, value in statistics.items()}, "picks": FEATURE_PICKS,
+            "levels": [fingerprint(level, FEATURE_PICKS) for level in state["features"]],
+            "features": fingerprint(fused, FEATURE_PICKS)}
 
 
 def build_official(code: Path, dropout: float, jitter: bool) -> torch.nn.Module:
@@ -53,7 +82,7 @@ def build_official(code: Path, dropout: float, jitter: bool) -> torch.nn.Module:
 
 
 def main(code: Path) -> None:
-    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
+    commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
     if commit and not OFFICIAL_COMMIT.startswith(commit[:7]):
         raise SystemExit(f"{code} is at {commit}, not the official commit {OFFICIAL_COMMIT}")
@@ -97,6 +126,7 @@ def main(code: Path) -> None:
     optimizer.step()
     record["train_step"] = {"loss_mse": mse.detach(), "loss_dice": dice.detach(),
                             "updated": {name: fingerprint(value) for name, value in model.state_dict().items()}}
+    record["backbone"] = record_backbone()
     torch.save(record, HERE / f"onenip_{OFFICIAL_COMMIT}.pt")
     print(f"wrote {HERE / f'onenip_{OFFICIAL_COMMIT}.pt'}: {record['parameters']} parameters")
 
