@@ -1,6 +1,7 @@
 """Train a detector, calibrate it on held-out normal images, then test it.
 
     python train.py --config configs/quickstart.yaml [--model.init_args.alpha_local=0 ...]
+    python train.py --list-detectors     # every registered detector: what it is, its paper
 
 Writes the run folder (config.yaml, checkpoints/, metrics.json, scores.csv, maps/, csv/ and wandb/).
 ``--run.resume=true`` continues the latest run of the same name from its last checkpoint.

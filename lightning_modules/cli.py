@@ -31,14 +31,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules.datamodule import AnomalyDataModule
 from datamodules.validate import DatasetError
-
-# Every detector is imported here so that --model=ULSAD (a short name) resolves and --help lists them all.
-from lightning_modules import crad, efficientad, onenip, puad, ulsad  # noqa: F401
+from lightning_modules import registry
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
 from lightning_modules.progress import PlainProgress, wants_plain_progress
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
 from lightning_modules.upstream_noise import silence_upstream_noise
 from networks.anomaly_model import FittedSettingsMismatch
+
+# Every registered detector is imported so that --model=ULSAD (a short name) resolves and --help lists them all.
+registry.import_all()
 
 RUN_DIR_ENV = "ANOMALY_RUN_DIR"  # how DDP child processes learn the run folder rank 0 chose
 
@@ -364,10 +365,14 @@ DEBUG_ENV = "ANOMALY_LAB_DEBUG"
 def run_command(entry: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """Run `train` or `evaluate` from the command line. A user error (bad data, a bad config, diverged training, an
     unreadable checkpoint) prints one paragraph and exits with status 1, without a traceback; `--debug` or
-    ANOMALY_LAB_DEBUG=1 shows the traceback. Anything else (a bug) keeps its traceback."""
+    ANOMALY_LAB_DEBUG=1 shows the traceback. Anything else (a bug) keeps its traceback. `--list-detectors` prints
+    the registered detectors, one line each, and exits."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
+    if "--list-detectors" in argv:
+        print(registry.detector_table())
+        return
     if debug:
         os.environ[DEBUG_ENV] = "1"  # DDP children re-run the command line without --debug
     try:

@@ -13,11 +13,7 @@ import pytest
 import torch
 
 from export import description_path, export_model
-from lightning_modules.crad import CRAD
-from lightning_modules.efficientad import EfficientAD
-from lightning_modules.onenip import OneNIP
-from lightning_modules.puad import PUAD
-from lightning_modules.ulsad import ULSAD
+from lightning_modules.registry import registered
 from networks.anomaly_model import AnomalyOutput, FittedSettingsMismatch
 from networks.ulsad import ULSADModel
 from tests.runs import REPO
@@ -34,24 +30,13 @@ def random_batches(count: int, batch_size: int, seed: int) -> list[dict]:
             for i in range(count)]
 
 
-DETECTORS = {
-    "ULSAD": lambda: ULSAD(backbone="resnet18", pretrained=False, image_size=SIZE, frn_hidden_scale=0.125),
-    # Table 3's rows without the tie loss: the global map is an attention distance (scaled_dot_product_attention)
-    "ULSAD-no-tie": lambda: ULSAD(backbone="resnet18", pretrained=False, image_size=SIZE, frn_hidden_scale=0.125,
-                                  use_tie_loss=False),
-    "EfficientAD": lambda: EfficientAD(teacher_pretrained=False, image_size=SIZE),
-    "PUAD": lambda: PUAD(teacher_pretrained=False, image_size=SIZE),
-    # a unified detector whose forward picks each image's prompt from its pool (cosine similarity, argmax, gather)
-    "OneNIP": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
-                             heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2),
-    # ... or by the image's category (the released code): a second input, category_index, also in the export
-    "OneNIP-label": lambda: OneNIP(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, hidden_dim=64,
-                                   heads=4, ffn_dim=128, encoder_layers=1, decoder_layers=1, prompts_per_category=2,
-                                   prompt_selection="label"),
-    # grid_sample at learned coordinates (per pixel and per image), MobileNetV3 fusion, refinement, box smoothing
-    "CRAD": lambda: CRAD(backbone="tf_efficientnet_lite0", pretrained=False, image_size=SIZE, blocks=2,
-                         expansion_ratio=0.5, smoothing_size=13, score_pool_size=18),
-}
+def _factory(entry, settings):
+    return lambda: entry.load()(image_size=SIZE, **settings)
+
+
+# Every registered detector (and its variants: lightning_modules/registry.py), built with its tiny test settings.
+DETECTORS = {name: _factory(entry, settings) for entry in registered()
+             for name, settings in entry.contract_cases().items()}
 
 
 @pytest.fixture(scope="module", params=sorted(DETECTORS))
@@ -146,7 +131,7 @@ def test_loading_fitted_statistics_under_another_setting_is_refused():
         other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("detector", [ULSAD, EfficientAD, PUAD, OneNIP, CRAD], ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("detector", [entry.load() for entry in registered()], ids=lambda cls: cls.__name__)
 def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector):
     """`--model.help ULSAD` (a short name) documents every init argument from the class docstring's Args."""
     import inspect
@@ -166,8 +151,8 @@ def test_detectors_have_short_names_and_every_argument_has_a_help_line(detector)
 def test_help_lists_every_detector():
     text = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, check=True).stdout
-    for detector in ("ULSAD", "EfficientAD", "PUAD", "OneNIP", "CRAD"):
-        assert detector in text, detector
+    for entry in registered():
+        assert entry.name in text, entry.name
 
 
 def test_a_statistic_only_detector_needs_no_optimiser_and_runs_one_pass(embedded_root, tmp_path):
