@@ -11,13 +11,8 @@ from __future__ import annotations
 import re
 
 import torch
-from official_weights import CRAD_FIXTURE_SETTINGS, fixed_images
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # both official configs
-
-
-def images_size() -> int:
-    return CRAD_FIXTURE_SETTINGS["image_size"]
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -26,9 +21,10 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def calibrated_backbone_statistics(model: torch.nn.ModuleDict) -> dict[str, torch.Tensor]:
+def calibrated_backbone_statistics(model: torch.nn.ModuleDict, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The running mean and variance of the backbone's BatchNorm layers up to block 21 (the last one CRAD and OneNIP
-    read), the exact averages (momentum None) over the fixed images and six blocky ones, rounded to float32."""
+    read), the exact averages (momentum None) over `images` (B×3×S×S in [0, 1]) and six blocky ones, rounded to
+    float32."""
     backbone = model["backbone"]
     used = re.compile(r"^(_bn0|_blocks\.(\d|1\d|2[01])\..*)$")
     layers = {name: layer for name, layer in backbone.named_modules()
@@ -38,8 +34,8 @@ def calibrated_backbone_statistics(model: torch.nn.ModuleDict) -> dict[str, torc
         layer.reset_running_stats()
     generator = torch.Generator().manual_seed(5)
     blocky = torch.rand((6, 3, 8, 8), generator=generator, dtype=torch.float64)
-    size = images_size() // 8
-    images = torch.cat([fixed_images(), blocky.repeat_interleave(size, 2).repeat_interleave(size, 3)])
+    size = images.shape[-1] // 8
+    images = torch.cat([images, blocky.repeat_interleave(size, 2).repeat_interleave(size, 3)])
     settings = backbone._global_params
     backbone._global_params = settings._replace(drop_connect_rate=None)  # train mode, but no random drop connect
     backbone.train()

@@ -74,7 +74,7 @@ def main(code: Path) -> None:
     model = build_official(code, noise_std=0.05)
     weights = pipeline_seeded_weights(model.state_dict())
     model.load_state_dict(weights)
-    statistics = calibrated_backbone_statistics(model)
+    statistics = calibrated_backbone_statistics(model, fixed_images())
     weights.update(statistics)
     model.load_state_dict(weights)
     images = fixed_images()

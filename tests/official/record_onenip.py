@@ -46,7 +46,7 @@ def record_backbone() -> dict:
     }).double()
     weights = pipeline_seeded_weights(model.state_dict())
     model.load_state_dict(weights)
-    statistics = calibrated_backbone_statistics(model)
+    statistics = calibrated_backbone_statistics(model, fixed_images())
     model.load_state_dict({**weights, **statistics})
     model.eval()
     with torch.no_grad():
