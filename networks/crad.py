@@ -249,7 +249,8 @@ class CRADModel(AnomalyModel):
         """x̂ (spec §3), or f^n itself when refinement is off."""
         if not self.refinement:
             return reconstruction
-        return refine(at_least_float32(features), at_least_float32(reconstruction), self.gate_weight, self.cosine_weight, self.gate_scale)
+        return refine(at_least_float32(features), at_least_float32(reconstruction), self.gate_weight,
+                      self.cosine_weight, self.gate_scale)
 
     # ------------------------------------------------------------------ inference
     def maps_and_score(self, features: Tensor, reconstruction: Tensor) -> AnomalyOutput:
