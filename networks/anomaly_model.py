@@ -49,6 +49,9 @@ class AnomalyModel(nn.Module, ABC):
 
     input_fields: ClassVar[tuple[str, ...]] = ()
     FITTED_SETTINGS: ClassVar[tuple[str, ...]] = ()
+    #: Buffers whose size depends on the data (a memory bank, a prompt pool): loading a checkpoint takes the
+    #: checkpoint's shape for them, so any checkpoint loads into a freshly built model with no detector code.
+    DATA_SIZED_BUFFERS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
@@ -59,6 +62,8 @@ class AnomalyModel(nn.Module, ABC):
         self.register_buffer("normal_image_score", torch.tensor(float("nan")))
         self.register_buffer("normal_pixel_value", torch.tensor(float("nan")))
         self.fitted_with: dict[str, Any] = {}
+        # The categories the fitted state knows, in the order of any category_index input (unified models).
+        self.category_names: list[str] = []
 
     # ------------------------------------------------------------------ the contract
     @abstractmethod
@@ -131,8 +136,17 @@ class AnomalyModel(nn.Module, ABC):
         """Call after fitting statistics: remember the settings they were fitted under."""
         self.fitted_with = self.current_settings()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in self.DATA_SIZED_BUFFERS:
+            if prefix + name in state_dict:
+                current = getattr(self, name)
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def get_extra_state(self) -> dict[str, Any]:
-        return {"fitted_with": dict(self.fitted_with)}
+        return {"fitted_with": dict(self.fitted_with), "category_names": list(self.category_names)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         stored = dict((state or {}).get("fitted_with", {}))
@@ -149,6 +163,7 @@ class AnomalyModel(nn.Module, ABC):
                 "model with it."
             )
         self.fitted_with = stored
+        self.category_names = list((state or {}).get("category_names", []))
 
 
 def _normalize(values: Tensor, normal: Tensor, threshold: Tensor) -> Tensor:

@@ -163,6 +163,7 @@ class OneNIPModel(AnomalyModel):
     """
 
     FITTED_SETTINGS = ("prompt_selection", "use_refiner", "fusion_weights", "score_pool_size")
+    DATA_SIZED_BUFFERS = ("prompt_features", "prompt_category")
 
     def __init__(
         self,
@@ -234,7 +235,6 @@ class OneNIPModel(AnomalyModel):
         # The prompt pool: backbone features of normal training images, P×C×g×g, and their category ids.
         self.register_buffer("prompt_features", torch.zeros(0, self.channels, self.grid, self.grid))
         self.register_buffer("prompt_category", torch.zeros(0, dtype=torch.long))
-        self.category_names: list[str] = []
         # Fusion (spec §8): A = w_rec·A_rec + w_ref·fusion_scale·A_ref, fusion_scale = (max + min)/2 of A_rec,
         # fitted on held-out normal images (the official code takes it over the test set).
         self.register_buffer("fusion_scale", torch.tensor(float("nan")))
@@ -268,22 +268,6 @@ class OneNIPModel(AnomalyModel):
         self.prompt_features = features.detach().float().to(self.fusion_scale.device)
         self.prompt_category = categories.detach().long().to(self.fusion_scale.device)
         self.category_names = list(names)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        # The pool's size is data-dependent: take the checkpoint's shape before loading it.
-        for name in ("prompt_features", "prompt_category"):
-            if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.fusion_scale.device))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {**super().get_extra_state(), "category_names": list(self.category_names)}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        super().set_extra_state(state)
-        self.category_names = list((state or {}).get("category_names", []))
 
     # ------------------------------------------------------------------ features and prompts
     def extract_features(self, images: Tensor) -> Tensor:

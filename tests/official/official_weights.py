@@ -101,3 +101,15 @@ def fingerprint(tensor: torch.Tensor, picks: int = 16) -> torch.Tensor:
     flat = tensor.detach().double().flatten()
     entries = flat[torch.linspace(0, flat.numel() - 1, picks).long()] if flat.numel() else flat
     return torch.cat([flat.sum()[None], flat.pow(2).sum()[None], entries])
+
+
+def patchcore_images(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three training and three test images in [0, 1] (float32, 3×3×S×S) for the PatchCore recording: smooth
+    random fields; the test images are training-like fields with a bright square pasted into two of them."""
+    generator = torch.Generator().manual_seed(2022)
+    coarse = torch.rand((6, 3, 8, 8), generator=generator)
+    fine = torch.rand((6, 3, size, size), generator=generator)
+    images = 0.7 * torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear") + 0.3 * fine
+    images[4, :, 10:26, 30:46] = 1.0
+    images[5, :, 40:52, 8:20] = 0.0
+    return images[:3].contiguous(), images[3:].contiguous()
