@@ -16,6 +16,7 @@ from rich.console import Console
 from datamodules.validate import DatasetError
 from lightning_modules import reporting
 from lightning_modules.cli import AnomalyCLI, log_checkpoint_artifact, run_command
+from lightning_modules.resume import ResumeCheckpoint, read_checkpoint
 
 
 def train(args: list[str] | None = None) -> dict[str, Any]:
@@ -38,7 +39,7 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
         raise
     try:
         cli.save_resolved_config()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.resume_checkpoint)
+        fit(cli, trainer, model, datamodule)
         # Calibration (quantiles, z-statistics, ...) on the final weights, whatever the validation cadence.
         trainer.validate(model, datamodule=datamodule, verbose=False)
         final_checkpoint = cli.run_dir / "checkpoints" / "final.ckpt"
@@ -62,6 +63,21 @@ def train(args: list[str] | None = None) -> dict[str, Any]:
         return results
     finally:
         _finish_wandb(trainer)
+
+
+def fit(cli: AnomalyCLI, trainer, model, datamodule) -> None:
+    """Gradient training (``trainer.fit``), or a fit-only detector's one pass over the training images
+    (``trainer.predict``: no optimiser, no DDP wrapper), which then writes last.ckpt; a resumed fit-only run whose
+    last.ckpt holds the fitted state does not repeat the pass."""
+    if not model.fit_only:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cli.resume_checkpoint)
+        return
+    if cli.resume_checkpoint:
+        model.load_state_dict(read_checkpoint(cli.resume_checkpoint)["state_dict"])
+        if model.model.statistics_fitted():
+            return
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)  # predict_dataloader: the pass
+    ResumeCheckpoint(cli.run_dir / "checkpoints" / "last.ckpt").save(trainer, weights_only=True)
 
 
 def _finish_wandb(trainer) -> None:

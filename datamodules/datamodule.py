@@ -275,3 +275,8 @@ class AnomalyDataModule(L.LightningDataModule):
     def statistics_dataloader(self) -> DataLoader:
         """Training images in a fixed order, without augmentation or synthesis (for fitted statistics)."""
         return self._eval_loader(AnomalyDataset(self.records("train"), self.image_size))
+
+    def predict_dataloader(self) -> DataLoader:
+        """What ``trainer.predict`` runs on: a fit-only detector's one fitting pass over the training images (the
+        statistics loader, built once the processes exist, so each takes its own shard)."""
+        return self.statistics_dataloader()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,10 +28,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_modules import metrics as M
 from lightning_modules import reporting
+from lightning_modules.distributed import distributed, gather_objects, gather_samples
 from lightning_modules.progress import phase
 from lightning_modules.resume import CheckpointError
 from networks.anomaly_model import AnomalyModel
@@ -55,10 +55,6 @@ class NonFiniteResults(RuntimeError):
     """Maps or scores that are NaN or infinite: they must never turn into metrics or fitted statistics."""
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def without_padding(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch minus the padding items a process gets when a split has fewer images than processes.
 
@@ -80,13 +76,6 @@ def require_finite_scores(values: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NonFiniteResults("The calibrated model gives NaN or infinite scores on the validation images; "
                                "no decision threshold was fitted. The training has probably diverged.")
     return values
-
-
-def gather_samples(tensor: Tensor) -> Tensor:
-    """Concatenate per-sample tensors of all processes (uneven sizes allowed); identity on one process."""
-    if not _distributed():
-        return tensor
-    return torch.cat(gather_all_tensors(tensor.contiguous()), dim=0)
 
 
 class TestResultStore(Metric):
@@ -145,6 +134,28 @@ class AnomalyDetector(LightningModule, ABC):
     #: Per-item fields the training loader must add (the data module's TRAINING_FIELDS), e.g. OneNIP's
     #: "prompt_image": a random normal training image of the same category.
     training_fields: ClassVar[tuple[str, ...]] = ()
+    #: True for a detector with no optimiser (a memory bank): its training is ONE pass over the training images,
+    #: without augmentation (``fit_step`` on each batch, then ``finish_fit`` once on every process), which
+    #: train.py runs as ``trainer.predict`` (no DDP wrapper, no empty epoch, no optimiser state in any checkpoint)
+    #: and ``fit_pass`` runs without a Trainer. It defines ``fit_step`` and ``finish_fit``, and neither
+    #: ``training_step`` nor ``build_optimizers``; a gradient-trained detector defines those two. Checked when the
+    #: class is defined.
+    fit_only: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.fit_only:
+            needed, refused = ("fit_step", "finish_fit"), ("training_step", "build_optimizers")
+        else:
+            needed, refused = ("training_step", "build_optimizers"), ("fit_step", "finish_fit")
+        base = {name: getattr(AnomalyDetector, name, None) for name in (*needed, *refused)}
+        base["training_step"] = LightningModule.training_step
+        missing = [name for name in needed if getattr(cls, name) is base[name]]
+        extra = [name for name in refused if getattr(cls, name) is not base[name]]
+        if missing or extra:
+            kind = "a fit-only detector (fit_only = True)" if cls.fit_only else "a gradient-trained detector"
+            raise TypeError(f"{cls.__qualname__} is {kind}: it must define {list(needed)}"
+                            + (f" and must not define {extra}" if extra else "") + f"; missing {missing}.")
 
     def __init__(self, threshold_fpr: float = 0.05, max_maps_per_category: int = 6) -> None:
         super().__init__()
@@ -169,9 +180,19 @@ class AnomalyDetector(LightningModule, ABC):
         """Fit post-training statistics (map quantiles, score statistics) from the gathered validation tensors;
         ``training_batches`` serves the training images again for statistics that come from them (PUAD's Gaussian)."""
 
-    @abstractmethod
     def build_optimizers(self, total_steps: int) -> Any:
-        """What ``configure_optimizers`` returns, for a run of ``total_steps`` optimiser steps (None: no optimiser)."""
+        """What ``configure_optimizers`` returns, for a run of ``total_steps`` optimiser steps (gradient-trained
+        detectors)."""
+        raise NotImplementedError
+
+    def fit_step(self, batch: dict[str, Any]) -> None:
+        """Fit-only detectors: take what the fitted state needs from one batch of training images (no gradients)."""
+        raise NotImplementedError
+
+    def finish_fit(self) -> None:
+        """Fit-only detectors: build the fitted state from everything ``fit_step`` kept; runs on every process,
+        so it may gather across them (``lightning_modules.distributed``)."""
+        raise NotImplementedError
 
     def run_info(self) -> dict[str, Any]:
         """Facts about the run a reader of metrics.json needs (weights used, fitted-statistics status)."""
@@ -179,8 +200,19 @@ class AnomalyDetector(LightningModule, ABC):
 
     # ------------------------------------------------------------------ the model's contract
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """The batch fields the model declares it needs besides the image (``AnomalyModel.input_fields``)."""
-        return {name: batch[name] for name in self.model.input_fields}
+        """The batch fields the model declares it needs besides the image (``AnomalyModel.input_fields``);
+        ``category_index`` is made from the batch's category names and the model's ``category_names``."""
+        return {name: (self.category_indices(batch["category"]) if name == "category_index" else batch[name])
+                for name in self.model.input_fields}
+
+    def category_indices(self, categories: list[str]) -> Tensor:
+        """Each image's category as an index into the model's ``category_names``; a category the fitted state
+        does not know is an error naming it."""
+        names = self.model.category_names
+        unknown = sorted(set(categories) - set(names))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} was fitted on categories {names}; it has nothing for {unknown}")
+        return torch.tensor([names.index(c) for c in categories], dtype=torch.long, device=self.device)
 
     def forward(self, images: Tensor, **fields: Tensor):
         return self.model(images, **fields)
@@ -191,6 +223,29 @@ class AnomalyDetector(LightningModule, ABC):
 
     def configure_optimizers(self):
         return self.build_optimizers(self.trainer.estimated_stepping_batches)
+
+    # ------------------------------------------------------------------ the one pass of a fit-only detector
+    def fit_pass(self, training_batches: Iterable[dict[str, Any]]) -> None:
+        """A fit-only detector's whole training without a Trainer: what ``trainer.predict`` runs in train.py."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for index, batch in enumerate(training_batches):
+                self.predict_step(self._to_device(batch), index)
+        self.on_predict_epoch_end()
+        self.train(was_training)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not self.fit_only:
+            raise RuntimeError(f"{type(self).__name__}: trainer.predict is a fit-only detector's fitting pass; score "
+                               "images with evaluate.py --images (lightning_modules/prediction.py)")
+        batch = without_padding(batch)
+        if batch["image"].shape[0]:
+            self.fit_step(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        with phase("building the fitted state from the training images"), torch.inference_mode(False):
+            self.finish_fit()  # outside inference mode: the fitted buffers are saved and loaded like any other
 
     def calibrate(self, validation_batches: Iterable[dict[str, Any]], training_batches: Iterable[dict[str, Any]]) -> None:
         """Everything fitted on held-out normal images after training, without a Trainer: the detector's
@@ -275,6 +330,9 @@ class AnomalyDetector(LightningModule, ABC):
             datamodule.request_training_fields(self.training_fields)
 
     def on_fit_start(self) -> None:
+        if self.fit_only:
+            raise RuntimeError(f"{type(self).__name__} has no optimiser: its training is one pass over the training "
+                               "images (train.py runs it as trainer.predict; without a Trainer, fit_pass).")
         # Which weights the run uses goes into every logger's config (W&B too), not only metrics.json.
         for logger in self.loggers:
             logger.log_hyperparams({"weights_source": self.weights_source})
@@ -406,10 +464,7 @@ class AnomalyDetector(LightningModule, ABC):
 
     def _gather_display_samples(self) -> list[reporting.MapSample]:
         local = [s for cands in self._display_candidates.values() for _, s in cands]
-        if _distributed():
-            everyone: list[list[reporting.MapSample]] = [None] * torch.distributed.get_world_size()  # type: ignore
-            torch.distributed.all_gather_object(everyone, local)
-            local = [s for part in everyone for s in part]
+        local = gather_objects(local)
         cap = max(1, self.max_maps_per_category // 3)
         chosen: list[reporting.MapSample] = []
         for category in sorted({s.category for s in local}):

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.base import AnomalyDetector, gather_samples
+from lightning_modules.base import AnomalyDetector
+from lightning_modules.distributed import gather_samples
 from lightning_modules.feature_cache import FrozenFeatureCache
 from networks.onenip import OneNIPModel, dice_loss
 
@@ -210,21 +211,6 @@ class OneNIP(AnomalyDetector):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------ inputs and calibration
-    def category_indices(self, categories: list[str]) -> Tensor:
-        """Each image's category as an index into the pool's category names (-1: not in the pool)."""
-        names = self.model.category_names
-        return torch.tensor([names.index(c) if c in names else -1 for c in categories], device=self.device)
-
-    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        if "category_index" not in self.model.input_fields:
-            return {}
-        indices = self.category_indices(batch["category"])
-        if bool((indices < 0).any()):
-            unknown = sorted({c for c, i in zip(batch["category"], indices.tolist()) if i < 0})
-            raise ValueError(f"prompt_selection='label' but the prompt pool has no category {unknown} "
-                             f"(it has {self.model.category_names})")
-        return {"category_index": indices}
-
     def calibration_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         normal = batch["label"] == 0
         fields = {name: value[normal] for name, value in self.model_inputs(batch).items()}

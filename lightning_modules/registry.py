@@ -127,6 +127,17 @@ register(DetectorEntry(
     # grid_sample at learned coordinates (per pixel and per image), MobileNetV3 fusion, refinement, box smoothing
     test_settings={**_LITE0, "blocks": 2, "expansion_ratio": 0.5, "smoothing_size": 13, "score_pool_size": 18},
 ))
+register(DetectorEntry(
+    name="PatchCore", module="lightning_modules.patchcore",
+    summary="memory bank of normal patch features (k-center coreset), nearest-neighbour scores; no training",
+    paper="Roth et al., CVPR 2022",
+    configs=("configs/patchcore/quickstart.yaml", "configs/patchcore/mvtec_ad.yaml", "configs/patchcore/visa.yaml",
+             "configs/patchcore/mvtec_loco.yaml"),
+    # a bank per category, searched by the category_index input (masked distances), coreset on a projection
+    test_settings={**_LITE0, "layers": ["blocks.2", "blocks.4"], "coreset_ratio": 0.25},
+    # ... or one float16 bank for all categories, no second input
+    variants={"unified": {"bank": "unified", "bank_dtype": "float16"}},
+))
 
 
 __all__ = ["DetectorEntry", "detector_table", "import_all", "register", "registered", "unregister"]

@@ -86,12 +86,13 @@ class ResumeCheckpoint(Checkpoint):
     def state_key(self) -> str:
         return "ResumeCheckpoint"
 
-    def save(self, trainer) -> None:
-        """Write to a temporary file, then replace `last.ckpt` with it (rank 0, after every process has written)."""
+    def save(self, trainer, weights_only: bool = False) -> None:
+        """Write to a temporary file, then replace `last.ckpt` with it (rank 0, after every process has written).
+        ``weights_only``: the model alone (a fit-only detector's pass: there is no loop or optimiser to resume)."""
         partial = self.path.with_name(self.path.name + ".partial")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial)  # every process takes part; it returns after a barrier
+        trainer.save_checkpoint(partial, weights_only=weights_only)  # every process takes part; it returns after a barrier
         if trainer.is_global_zero:
             os.replace(partial, self.path)
 

@@ -42,19 +42,21 @@ def pairwise_distances(queries: Tensor, keys: Tensor) -> Tensor:
     return squared.clamp_min(0).sqrt()
 
 
-def nearest_neighbours(queries: Tensor, bank: Tensor, k: int, chunk_rows: int = 16384,
-                       excluded: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def nearest_neighbours(queries: Tensor, bank: Tensor, k: int, chunk_rows: int = 2048,
+                       query_groups: Tensor | None = None, bank_groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` smallest distances (ascending) from each query to the bank rows, and their row indices.
 
     The bank is searched ``chunk_rows`` rows at a time (cast to the queries' dtype chunk by chunk, so a float16
-    bank is never copied whole), keeping a running top-k: peak memory is Q × (chunk_rows + k) distances.
-    ``excluded`` (Q×N bool, optional) marks bank rows a query may not match (another category's bank).
+    bank is never copied whole), keeping a running top-k: peak memory is queries × (chunk_rows + k) distances.
+    The chunks are over the bank only, whose size is fixed once fitted, so the loop traces and exports with a
+    dynamic batch. With ``query_groups`` / ``bank_groups`` (category ids), a query matches only its group's rows.
     """
     best_distances, best_indices = None, None
     for start in range(0, bank.shape[0], chunk_rows):
         distances = pairwise_distances(queries, bank[start:start + chunk_rows].to(queries.dtype))
-        if excluded is not None:
-            distances = distances.masked_fill(excluded[:, start:start + chunk_rows], float("inf"))
+        if query_groups is not None:
+            other = bank_groups[None, start:start + chunk_rows] != query_groups[:, None]
+            distances = distances.masked_fill(other, float("inf"))
         indices = torch.arange(start, start + distances.shape[1], device=queries.device).expand_as(distances)
         if best_distances is not None:
             distances = torch.cat([best_distances, distances], dim=1)
@@ -89,7 +91,7 @@ def coreset_peak_bytes(samples: int, components: int, chunk_rows: int) -> int:
 
 @torch.no_grad()
 def k_center_greedy(features: Tensor, size: int, projection: Tensor | None, start: int,
-                    chunk_rows: int = 65536, device: torch.device | str | None = None) -> Tensor:
+                    chunk_rows: int = 4096, device: torch.device | str | None = None) -> Tensor:
     """Indices of ``size`` rows of ``features`` chosen greedily: each next row is the one farthest from all rows
     chosen so far (Sener & Savarese 2018; PatchCore §3.2), starting at row ``start``, in the projected space
     ``features @ projection.T`` (no projection: the features themselves).
@@ -110,13 +112,19 @@ def k_center_greedy(features: Tensor, size: int, projection: Tensor | None, star
                                for i in range(0, samples, chunk_rows)])
     minimum = torch.full((samples,), float("inf"), device=device)
     chosen = torch.empty(size, dtype=torch.long, device=device)
+    # Preallocated: one chunk's differences and distances, reused at every step (no allocation in the loop).
+    differences = torch.empty(min(chunk_rows, samples), projected.shape[1], device=device)
+    distances = torch.empty(min(chunk_rows, samples), device=device)
     index = torch.tensor(start, device=device)
     chosen[0] = index
     for step in range(1, size):
         center = projected[index]
         for i in range(0, samples, chunk_rows):
-            part = minimum[i:i + chunk_rows]
-            torch.minimum(part, torch.linalg.vector_norm(projected[i:i + chunk_rows] - center, dim=1), out=part)
+            rows = min(chunk_rows, samples - i)
+            torch.sub(projected[i:i + rows], center, out=differences[:rows])
+            torch.linalg.vector_norm(differences[:rows], dim=1, out=distances[:rows])
+            part = minimum[i:i + rows]
+            torch.minimum(part, distances[:rows], out=part)
         index = minimum.argmax()
         minimum[index] = 0.0
         chosen[step] = index
@@ -152,7 +160,7 @@ class PatchCoreModel(AnomalyModel):
         num_neighbors: int = 9,
         bank: str = "per_category",
         bank_dtype: str = "float32",
-        search_chunk: int = 16384,
+        search_chunk: int = 2048,
         blur_sigma: float = 4.0,
     ) -> None:
         super().__init__(image_size)
@@ -213,22 +221,22 @@ class PatchCoreModel(AnomalyModel):
         self.category_names = list(names)
 
     # ------------------------------------------------------------------ scoring
-    def _excluded(self, category_index: Tensor | None, patches_per_image: int) -> Tensor | None:
-        """(B·patches)×N: True where a bank row belongs to another category than the query's image."""
+    def _search(self, queries: Tensor, k: int, category_index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``nearest_neighbours`` in the bank; per category, each query (a whole number of them per image) only
+        among its image's category's rows."""
         if self.bank != "per_category":
-            return None
+            return nearest_neighbours(queries, self.memory_bank, k, self.search_chunk)
         if category_index is None:
             raise ValueError("bank='per_category' needs each image's category_index")
-        rows = category_index.repeat_interleave(patches_per_image)
-        return self.bank_category[None, :] != rows[:, None]
+        groups = category_index.repeat_interleave(queries.shape[0] // category_index.shape[0])
+        return nearest_neighbours(queries, self.memory_bank, k, self.search_chunk, groups, self.bank_category)
 
     def forward(self, images: Tensor, category_index: Tensor | None = None) -> AnomalyOutput:
         patches = self.patch_features(images)
         batch, count, channels = patches.shape
         grid = int(math.isqrt(count))
         queries = patches.reshape(batch * count, channels)
-        distances, locations = nearest_neighbours(queries, self.memory_bank, 1, self.search_chunk,
-                                                  self._excluded(category_index, count))
+        distances, locations = self._search(queries, 1, category_index)
         patch_scores = distances[:, 0].reshape(batch, count)
         locations = locations[:, 0].reshape(batch, count)
         score = self.image_score(patch_scores, locations, patches, category_index)
@@ -249,8 +257,7 @@ class PatchCoreModel(AnomalyModel):
         worst = patch_scores.argmax(dim=1)
         score, test_patch = patch_scores[rows, worst], patches[rows, worst]
         nearest_entry = self.memory_bank[locations[rows, worst]].to(test_patch.dtype)
-        reach, support = nearest_neighbours(nearest_entry, self.memory_bank, self.num_neighbors, self.search_chunk,
-                                            self._excluded(category_index, 1))
+        reach, support = self._search(nearest_entry, self.num_neighbors, category_index)
         distances = pairwise_distances(test_patch[:, None], self.memory_bank[support].to(test_patch.dtype))[:, 0]
         # A category bank smaller than num_neighbors: its missing neighbours (infinitely far) take no weight.
         distances = distances.masked_fill(torch.isinf(reach), float("-inf"))

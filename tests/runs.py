@@ -94,10 +94,12 @@ def assert_onnx_export_matches(checkpoint: Path, path: Path, image_size: int) ->
     detector = load_detector(checkpoint)
     exported = export_model(detector.model, path, "onnx")
     images = torch.rand(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    fields = detector.model.example_fields(3)  # e.g. each image's category_index, for a per-category model
     with torch.no_grad():
-        expected = detector.model(images)
+        expected = detector.model(images, **fields)
     session = onnxruntime.InferenceSession(str(exported), providers=["CPUExecutionProvider"])
-    anomaly_map, image_score = session.run(None, {"images": images.numpy()})
+    feeds = {"images": images.numpy(), **{name: value.numpy() for name, value in fields.items()}}
+    anomaly_map, image_score = session.run(None, feeds)
     np.testing.assert_allclose(image_score, expected.image_score.numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() <= 1e-4 * float(expected.anomaly_map.max())
 

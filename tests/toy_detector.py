@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.base import DEFAULT_IMAGE_SIZE, AnomalyDetector
+from lightning_modules.distributed import gather_samples
 from networks.anomaly_model import AnomalyModel, AnomalyOutput
 
 PATCH = 8
@@ -43,24 +44,22 @@ class PatchColourDetector(AnomalyDetector):
         threshold_fpr: target false-positive rate of the decision threshold on validation normal images.
     """
 
-    trainer_defaults: ClassVar[dict[str, Any]] = {"max_epochs": 1}
+    fit_only: ClassVar[bool] = True
 
     def __init__(self, image_size: int | None = None, bank_size: int = 4096, threshold_fpr: float = 0.05) -> None:
         super().__init__(threshold_fpr=threshold_fpr)
         self.save_hyperparameters()
         self.model = PatchColourMemory(image_size or DEFAULT_IMAGE_SIZE, bank_size)
+        self._colours: list[Tensor] = []
 
-    def fit_training_statistics(self, training_batches) -> None:
-        colours = self.collect(training_batches, lambda batch: {
-            "colour": F.avg_pool2d(batch["image"].float(), PATCH).permute(0, 2, 3, 1).reshape(-1, 3)})["colour"]
+    def fit_step(self, batch: dict[str, Any]) -> None:
+        self._colours.append(F.avg_pool2d(batch["image"].float(), PATCH).permute(0, 2, 3, 1).reshape(-1, 3))
+
+    def finish_fit(self) -> None:
+        colours = gather_samples(torch.cat(self._colours))
+        self._colours = []
         chosen = torch.randperm(colours.shape[0], generator=torch.Generator().manual_seed(0))
         chosen = chosen[: self.hparams.bank_size].to(colours.device)
         self.model.memory_bank[: chosen.numel()].copy_(colours[chosen])
         self.model.memory_bank[chosen.numel():].copy_(colours[chosen[0]])  # fewer patches than slots: repeat one
         self.model.fitted_patches.fill_(colours.shape[0])
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        return None  # nothing to learn by gradient: the memory above is the whole model
-
-    def build_optimizers(self, total_steps: int) -> None:
-        return None
