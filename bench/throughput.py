@@ -236,7 +236,10 @@ def fit_dummy_statistics(
     """
     device = train_batches[0]["image"].device
     with precision_context(precision, device):
-        detector.fit_training_statistics(train_batches)
+        if detector.fit_only:  # a memory bank: its one fitting pass
+            detector.fit_pass(train_batches)
+        else:
+            detector.fit_training_statistics(train_batches)
         detector.calibrate(validation_batches, train_batches)
 
 
@@ -245,9 +248,10 @@ def count_flops_per_image(model, image_size: int, device: torch.device) -> float
     from torch.utils.flop_counter import FlopCounterMode
 
     images = torch.rand(1, 3, image_size, image_size, device=device)
+    fields = model.example_fields(1) if hasattr(model, "example_fields") else {}
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        model(images)
+        model(images, **fields)
     return float(counter.get_total_flops())
 
 
@@ -360,10 +364,11 @@ def measure(
     else:
         detector.eval()
         model = detector.model
+        fields = model.example_fields(batch["image"].shape[0])  # e.g. a per-category model's category_index
 
         def run_batch() -> None:
             with torch.inference_mode(), precision_context(precision, device):
-                model(batch["image"])
+                model(batch["image"], **fields)
 
     memory.start()
     with warnings.catch_warnings():
@@ -440,6 +445,58 @@ def measure_anomalib_efficientad(args: argparse.Namespace, precision: str, conso
         peak_memory_mib=memory.peak_mib, memory_increase_mib=memory.increase_mib, memory_measure=memory.measure,
         gflop_per_image=flops / 1e9,
     )
+
+
+def measure_coreset(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
+    """PatchCore's greedy k-center coreset on a random ``--coreset-bank`` N×C bank (float32, seeded): ours
+    (``networks.patchcore.k_center_greedy``, chunked) and, when installed, anomalib's ``KCenterGreedy``, each
+    timed and with its peak memory increase over the bank itself (the same meters as the detector rows)."""
+    from networks.patchcore import coreset_peak_bytes, k_center_greedy, projection_dimension, sparse_random_projection
+
+    samples, channels = args.coreset_bank
+    device = torch.device(args.device)
+    bank = torch.randn(samples, channels, generator=torch.Generator().manual_seed(0)).to(device)
+    size = max(1, int(samples * args.coreset_ratio))
+    components = projection_dimension(samples)
+    rows = []
+
+    def ours() -> None:
+        generator = torch.Generator().manual_seed(0)
+        projection = sparse_random_projection(channels, components, generator)
+        k_center_greedy(bank, size, projection, 0, chunk_rows=args.coreset_chunk, device=device)
+
+    def anomalib_k_center() -> None:
+        from anomalib.models.components.sampling import KCenterGreedy
+
+        torch.manual_seed(0)
+        KCenterGreedy(embedding=bank, sampling_ratio=args.coreset_ratio).select_coreset_idxs()
+
+    implementations = [("ours (chunked)", ours)]
+    if importlib.util.find_spec("anomalib") is not None:
+        implementations.append((f"anomalib {importlib.metadata.version('anomalib')} KCenterGreedy", anomalib_k_center))
+    else:
+        console.print("anomalib is not installed: no reference coreset row")
+    for name, run in implementations:
+        memory = PeakMemory(device)
+        memory.start()
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        memory.stop()
+        rows.append({"implementation": name, "bank": [samples, channels], "coreset": size,
+                     "projection_dimension": components, "seconds": seconds, "ms_per_center": 1000 * seconds / size,
+                     "peak_memory_increase_mib": memory.increase_mib, "memory_measure": memory.measure})
+    stated = coreset_peak_bytes(samples, components, args.coreset_chunk, channels) / MIB
+    table = Table(title=f"PatchCore coreset: {size} of {samples} × {channels} rows ({device}; stated bound of ours: "
+                        f"{stated:.0f} MiB)")
+    for column in ("implementation", "seconds", "ms / center", "peak memory increase (MiB)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["implementation"], f"{row['seconds']:.1f}", f"{row['ms_per_center']:.2f}",
+                      f"{row['peak_memory_increase_mib']:.0f}")
+    console.print(table)
+    return rows
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -540,6 +597,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--pause", type=float, default=5.0, help="seconds of rest after the first peak measurement")
     parser.add_argument("--anomalib", choices=("auto", "off"), default="auto",
                         help="auto: also time anomalib's EfficientAD-S torch model when anomalib is installed")
+    parser.add_argument("--coreset-bank", type=int, nargs=2, metavar=("N", "C"), default=None,
+                        help="also time PatchCore's coreset selection on a random N×C bank, ours and anomalib's "
+                             "(e.g. 200000 1536)")
+    parser.add_argument("--coreset-ratio", type=float, default=0.01, help="fraction of the bank kept (0.01)")
+    parser.add_argument("--coreset-chunk", type=int, default=4096, help="rows per chunk of ours")
     return parser.parse_known_args(argv)
 
 
@@ -625,8 +687,10 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         info["load_average_after"] = list(os.getloadavg())
     if rows:
         print_table(rows, console)
+    coreset = measure_coreset(args, console) if args.coreset_bank else []
     console.print(f"machine: {info}")
-    report = {"machine": info, "extra_args": extra_args, "skipped": skipped, "rows": [asdict(r) for r in rows]}
+    report = {"machine": info, "extra_args": extra_args, "skipped": skipped, "rows": [asdict(r) for r in rows],
+              "coreset": coreset}
     write_json_report(args.json, report, console)
     return rows
 

@@ -123,7 +123,7 @@ class PatchCore(AnomalyDetector):
         start = int(torch.randint(samples, (1,), generator=generator))
         log.info("PatchCore coreset: %d of %d patches, projected to %d dimensions, working memory %.1f MiB",
                  size, samples, components,
-                 coreset_peak_bytes(samples, components, self.hparams.coreset_chunk) / 2**20)
+                 coreset_peak_bytes(samples, components, self.hparams.coreset_chunk, rows.shape[1]) / 2**20)
         return k_center_greedy(rows, size, projection, start, self.hparams.coreset_chunk, self.device)
 
     def run_info(self) -> dict[str, Any]:

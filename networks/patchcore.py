@@ -37,9 +37,13 @@ BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 def pairwise_distances(queries: Tensor, keys: Tensor) -> Tensor:
     """Euclidean distances Q×K as √(‖q‖² + ‖k‖² − 2 q·k), clamped at 0: one matrix product (anomalib's
     ``euclidean_dist``, which also avoids ``cdist`` so that the graph exports to ONNX)."""
-    products = queries @ keys.transpose(-2, -1)
-    squared = queries.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1).unsqueeze(-2) - 2 * products
-    return squared.clamp_min(0).sqrt()
+    # Never under autocast: in bf16 the product keeps 3 digits, and ‖q‖² + ‖k‖² − 2 q·k cancels them all for the
+    # near neighbours that decide every score.
+    with torch.autocast(queries.device.type, enabled=False):
+        queries, keys = at_least_float32(queries), at_least_float32(keys)
+        products = queries @ keys.transpose(-2, -1)
+        squared = queries.pow(2).sum(-1, keepdim=True) + keys.pow(2).sum(-1).unsqueeze(-2) - 2 * products
+        return squared.clamp_min(0).sqrt()
 
 
 def nearest_neighbours(queries: Tensor, bank: Tensor, k: int, chunk_rows: int = 2048,
@@ -83,10 +87,11 @@ def sparse_random_projection(features: int, components: int, generator: torch.Ge
     return nonzero * signs * math.sqrt(1 / density) / math.sqrt(components)
 
 
-def coreset_peak_bytes(samples: int, components: int, chunk_rows: int) -> int:
+def coreset_peak_bytes(samples: int, components: int, chunk_rows: int, features: int) -> int:
     """Working memory of ``k_center_greedy`` on top of the bank: the projected features (float32), the running
-    minimum distances and one chunk's differences."""
-    return 4 * (samples * components + samples + chunk_rows * components)
+    minimum distances, one chunk's differences and distances, the projection matrix, and one chunk of the bank
+    in float32 (a float16 bank's cast) while projecting."""
+    return 4 * (samples * components + samples + chunk_rows * (2 * components + 1) + components * features)
 
 
 @torch.no_grad()
@@ -108,8 +113,9 @@ def k_center_greedy(features: Tensor, size: int, projection: Tensor | None, star
         projected = features.to(device, torch.float32)
     else:
         weights = projection.to(device, torch.float32).T
-        projected = torch.cat([features[i:i + chunk_rows].to(device, torch.float32) @ weights
-                               for i in range(0, samples, chunk_rows)])
+        projected = torch.empty(samples, weights.shape[1], device=device)
+        for i in range(0, samples, chunk_rows):
+            torch.matmul(features[i:i + chunk_rows].to(device, torch.float32), weights, out=projected[i:i + chunk_rows])
     minimum = torch.full((samples,), float("inf"), device=device)
     chosen = torch.empty(size, dtype=torch.long, device=device)
     # Preallocated: one chunk's differences and distances, reused at every step (no allocation in the loop).

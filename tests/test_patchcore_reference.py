@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from networks.patchcore import PatchCoreModel, k_center_greedy
+from networks.patchcore import PatchCoreModel, k_center_greedy, nearest_neighbours
 from tests.official.official_weights import fingerprint, patchcore_images, seeded_weights
 
 RECORDING = Path(__file__).parent / "official" / "patchcore_anomalib_2_7.pt"
@@ -82,3 +82,17 @@ def test_search_and_bank_dtype_chunking(fitted):
     assert half.memory_bank.dtype == torch.float16
     with torch.no_grad():
         assert relative(half.eval()(test).image_score, output.image_score) < 1e-2
+
+
+def test_distances_stay_float32_under_bf16_autocast():
+    """The nearest-neighbour distances decide every score: under bf16 autocast the matmul would keep 3 digits and
+    ‖q‖² + ‖k‖² − 2q·k cancel them (measured: errors of 400 % of a near neighbour's distance here). float32, as
+    anomalib computes them, loses 1.2e-3 of it on these vectors (‖q‖² ≈ 3,800 against a distance² ≈ 1)."""
+    generator = torch.Generator().manual_seed(0)
+    bank = 3 + torch.randn(500, 384, generator=generator)
+    queries = bank[:50] + 0.05 * torch.randn(50, 384, generator=generator)  # each a near neighbour of a bank row
+    exact, where = nearest_neighbours(queries.double(), bank.double(), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distances, found = nearest_neighbours(queries, bank, 1)
+    assert distances.dtype == torch.float32 and torch.equal(found, where)
+    assert relative(distances, exact) < 1e-2
