@@ -451,7 +451,12 @@ def measure_coreset(args: argparse.Namespace, console: Console) -> list[dict[str
     """PatchCore's greedy k-center coreset on a random ``--coreset-bank`` N×C bank (float32, seeded): ours
     (``networks.patchcore.k_center_greedy``, chunked) and, when installed, anomalib's ``KCenterGreedy``, each
     timed and with its peak memory increase over the bank itself (the same meters as the detector rows)."""
-    from networks.patchcore import coreset_peak_bytes, k_center_greedy, projection_dimension, sparse_random_projection
+    from networks.patchcore import (
+        coreset_peak_bytes,
+        k_center_greedy,
+        projection_dimension,
+        sparse_random_projection,
+    )
 
     samples, channels = args.coreset_bank
     device = torch.device(args.device)

@@ -4,39 +4,33 @@ A detector is a pure-torch ``AnomalyModel`` (``networks/``: it scores images alo
 statistics included) wrapped by a thin subclass of ``AnomalyDetector`` that supplies the loss
 (``training_step``, ``build_optimizers``) and explicit fitting hooks: ``fit_training_statistics``
 (on the training images, before training) and ``calibration_step`` / ``fit_calibration`` (on
-held-out normal images, after training). This class does the rest, identically for every
-detector: the decision threshold (fitted on the same held-out normal images), collecting test
-results across processes, per-category and mean metrics (plus the logical/structural split on
-MVTec LOCO-style data), the run folder, W&B logging, the results table, and the throughput and
-memory figures. Every hook also runs without a Trainer (``calibrate``), which the benchmark uses.
+held-out normal images, after training); a detector without an optimiser declares ``fit_only`` and
+supplies ``fit_step`` / ``finish_fit`` instead. This class does the rest, identically for every
+detector: the decision threshold (fitted on the same held-out normal images), gathering across
+processes, the checks that stop a diverged run, and the test hooks, which hand each batch's maps and
+scores to ``lightning_modules.evaluation.TestEvaluation`` (metrics, threshold report, saved maps,
+output files). Every hook also runs without a Trainer (``calibrate``, ``fit_pass``), which the
+benchmark and the contract tests use.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import resource
-import time
 from abc import ABC
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
-from torchmetrics import Metric
 
-from lightning_modules import metrics as M
-from lightning_modules import reporting
-from lightning_modules.distributed import distributed, gather_objects, gather_samples
+from lightning_modules.distributed import gather_samples
+from lightning_modules.evaluation import NonFiniteResults, TestEvaluation
 from lightning_modules.progress import phase
 from lightning_modules.resume import CheckpointError
 from networks.anomaly_model import AnomalyModel
 
-KIND_IDS = {"good": 0, "structural": 1, "logical": 2, "anomaly": 3}
 # A detector's image_size when built in Python without one; the CLI always passes data.image_size.
 DEFAULT_IMAGE_SIZE = 256
 
@@ -49,10 +43,6 @@ class TrainingDiverged(RuntimeError):
 
 class NotCalibrated(RuntimeError):
     """Testing a model whose post-training calibration (map quantiles, score statistics) was never fitted."""
-
-
-class NonFiniteResults(RuntimeError):
-    """Maps or scores that are NaN or infinite: they must never turn into metrics or fitted statistics."""
 
 
 def without_padding(batch: dict[str, Any]) -> dict[str, Any]:
@@ -76,52 +66,6 @@ def require_finite_scores(values: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NonFiniteResults("The calibrated model gives NaN or infinite scores on the validation images; "
                                "no decision threshold was fitted. The training has probably diverged.")
     return values
-
-
-class TestResultStore(Metric):
-    """Keeps every test image's score, label, map and mask, synchronised across processes.
-
-    One store instead of one torchmetrics object per (category, subset, metric): the maps are the
-    memory-heavy part, and here they are held once whatever the number of subsets reported.
-    """
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__(sync_on_compute=True)
-        for name in ("indices", "scores", "labels", "maps", "masks", "has_mask", "regions", "saturation"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
-
-    def update(self, indices, scores, labels, maps, masks, has_mask, regions=None, saturation=None) -> None:
-        self.indices.append(indices.long())
-        self.scores.append(scores.float())
-        self.labels.append(labels.long())
-        self.maps.append(maps.float())
-        self.masks.append(masks.to(torch.uint8))
-        self.has_mask.append(has_mask.bool())
-        if regions is not None:
-            self.regions.append(regions.to(torch.uint8))
-            self.saturation.append(saturation.float())
-
-    def compute(self) -> StoredResults:
-        def cat(state):
-            if isinstance(state, Tensor):  # already concatenated by the distributed sync, which turns
-                return state if state.numel() else None  # a state no process filled into tensor([])
-            return torch.cat(state) if state else None
-
-        result = {name: cat(getattr(self, name)) for name in
-                  ("indices", "scores", "labels", "maps", "masks", "has_mask", "regions", "saturation")}
-        order = torch.argsort(result["indices"])  # the same order on one process or many
-        return StoredResults({k: (v[order] if v is not None else None) for k, v in result.items()})
-
-
-class StoredResults:
-    """The test results as {state name: tensor}, in a box: torchmetrics squeezes every one-element
-    tensor that `compute` returns in a dict to a 0-d scalar, which would lose the image axis of a
-    one-image test set. It does not look inside this class."""
-
-    def __init__(self, tensors: dict[str, Tensor | None]) -> None:
-        self.tensors = tensors
 
 
 class AnomalyDetector(LightningModule, ABC):
@@ -163,7 +107,7 @@ class AnomalyDetector(LightningModule, ABC):
             raise ValueError(f"threshold_fpr must lie in (0, 1), got {threshold_fpr}")
         self.threshold_fpr = threshold_fpr
         self.max_maps_per_category = max_maps_per_category
-        self.test_store = TestResultStore()
+        self.evaluation = TestEvaluation(threshold_fpr, max_maps_per_category)
         self.weights_source = "n/a"
         self.test_results: dict[str, Any] | None = None
         self._calibration_outputs: list[dict[str, Tensor]] = []
@@ -375,114 +319,18 @@ class AnomalyDetector(LightningModule, ABC):
                 "is still unfitted), so its maps and scores would be meaningless. Calibration runs after training, "
                 "on the validation split; a checkpoint saved before it (last.ckpt) cannot be tested: test final.ckpt."
             )
-        self.test_store.reset()
-        self._display_candidates: dict[str, list[tuple[float, reporting.MapSample]]] = {}
-        self._model_seconds = 0.0
-        self._images_seen = 0
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self.evaluation.start(self.device)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         batch = without_padding(batch)
-        images = batch["image"]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        anomaly_map, score = self.evaluation_map(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self._model_seconds += time.perf_counter() - start
-        self._images_seen += images.shape[0]
-        self.test_store.update(
-            batch["index"], score, batch["label"], anomaly_map, batch["mask"][:, 0], batch["has_mask"],
-            batch.get("regions"), batch.get("region_saturation"),
-        )
-        self._keep_display_candidates(batch, anomaly_map, score)
-
-    # Why a test image is shown in maps/: (role, its label, whether the highest scores are kept, else the lowest).
-    DISPLAY_ROLES = (("detected", 1, True), ("missed", 1, False), ("false alarm", 0, True))
-
-    def _keep_display_candidates(self, batch, anomaly_map: Tensor, score: Tensor) -> None:
-        """Keep, per category, the best detections (highest-scoring anomalous images), the misses (lowest-scoring
-        anomalous images) and the false alarms (highest-scoring normal images) for the maps/ folder."""
-        cap = max(1, self.max_maps_per_category // 3)
-        if self.max_maps_per_category <= 0:
-            return
-        for i in range(anomaly_map.shape[0]):
-            label, value = int(batch["label"][i]), float(score[i])
-            sample = None
-            for role, role_label, highest in self.DISPLAY_ROLES:
-                if label != role_label:
-                    continue
-                candidates = self._display_candidates.setdefault(f"{batch['category'][i]}/{role}", [])
-                rank = -value if highest else value
-                if len(candidates) >= cap and rank >= candidates[-1][0]:
-                    continue
-                sample = sample or reporting.MapSample(
-                    image=batch["image"][i].float().permute(1, 2, 0).cpu().numpy(),
-                    mask=batch["mask"][i, 0].float().cpu().numpy(),
-                    anomaly_map=anomaly_map[i].cpu().numpy(),
-                    path=batch["path"][i], category=batch["category"][i], defect_type=batch["defect_type"][i],
-                    label=label, score=value,
-                )
-                candidates.append((rank, dataclasses.replace(sample, role=role)))
-                candidates.sort(key=lambda item: item[0])
-                del candidates[cap:]
+        anomaly_map, score = self.evaluation.timed(self.evaluation_map, batch)
+        self.evaluation.update(batch, anomaly_map, score)
 
     def on_test_epoch_end(self) -> None:
-        results = self.test_store.compute().tensors
-        datamodule = self.trainer.datamodule
-        records = datamodule.records("test")
-        not_finite = ~(torch.isfinite(results["scores"]) & torch.isfinite(results["maps"]).flatten(1).all(dim=1))
-        if bool(not_finite.any()):
-            paths = [str(records[i].image_path) for i in results["indices"][not_finite].tolist()]
-            raise NonFiniteResults(
-                f"{len(paths)} of {len(records)} test images have NaN or infinite anomaly maps or scores (e.g. "
-                f"{', '.join(paths[:3])}); no metrics were computed from them. The training has probably diverged."
-            )
-        with phase(f"computing the metrics of {len(records)} test images"):
-            table = compute_metrics_table(results, records, with_kinds=datamodule.is_loco)
-        predicted = self.model.predicted_label(results["scores"].to(self.device)).cpu()
-        score_rows = score_table(results, records, predicted)
-        samples = self._gather_display_samples()
-        vmin, vmax = display_range(results["maps"])
-        info = {**self.run_info(), **self._speed_and_memory(), "test_images": int(results["scores"].numel()),
-                "decision_threshold": threshold_report(results, records, predicted, self.model, self.threshold_fpr)}
-        self.test_results = {"table": table, "scores": score_rows, "run_info": info}
-        for key, value in table.flat("test").items():
+        output_dir = Path(self.trainer.default_root_dir) if self.trainer.is_global_zero else None
+        self.test_results = self.evaluation.finish(self.model, self.run_info(), output_dir, self.loggers)
+        for key, value in self.test_results["table"].flat("test").items():
             self.log(key, value, rank_zero_only=True, sync_dist=False)
-        if self.trainer.is_global_zero:
-            out = Path(self.trainer.default_root_dir)
-            reporting.write_metrics_json(out / "metrics.json", table, info)
-            reporting.write_scores_csv(out / "scores.csv", score_rows)
-            reporting.write_curves_csv(out / "curves.csv", reporting.image_curves(score_rows))
-            reporting.save_map_panels(out / "maps", samples, vmin, vmax)
-            for logger in self.loggers:
-                if isinstance(logger, WandbLogger):
-                    reporting.log_results_to_wandb(logger, table, score_rows, samples, vmin, vmax)
-        self.test_store.reset()
-
-    def _gather_display_samples(self) -> list[reporting.MapSample]:
-        local = [s for cands in self._display_candidates.values() for _, s in cands]
-        local = gather_objects(local)
-        cap = max(1, self.max_maps_per_category // 3)
-        chosen: list[reporting.MapSample] = []
-        for category in sorted({s.category for s in local}):
-            shown: set[str] = set()  # with few anomalies, a detection would also be a "miss": show it once
-            for role, _, highest in self.DISPLAY_ROLES:
-                group = sorted((s for s in local if s.category == category and s.role == role and s.path not in shown),
-                               key=lambda s: -s.score if highest else s.score)[:cap]
-                shown.update(s.path for s in group)
-                chosen += group
-        return chosen
-
-    def _speed_and_memory(self) -> dict[str, float]:
-        seconds = max(self._model_seconds, 1e-9)
-        info = {"model_throughput_img_per_s": self._images_seen / seconds, "device": str(self.device)}
-        if self.device.type == "cuda":
-            info["peak_gpu_memory_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
-        info["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return info
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -504,104 +352,3 @@ class AnomalyDetector(LightningModule, ABC):
 def _as_float(tensor: Tensor) -> Tensor:
     """Detach; float64 stays float64 (sums for statistics), anything else becomes float32."""
     return tensor.detach().double() if tensor.dtype == torch.float64 else tensor.detach().float()
-
-
-# ---------------------------------------------------------------------- result tables
-METRIC_ORDER = ("image_AUROC", "image_AP", "image_F1max", "pixel_AUROC", "pixel_AP", "pixel_AUPRO", "pixel_sPRO")
-
-
-def _subset_metrics(scores, labels, maps=None, masks=None, regions=None, saturation=None) -> dict[str, float]:
-    """All metrics of one subset of test images (already selected)."""
-    values: dict[str, float] = {}
-    both_classes = labels.min() == 0 and labels.max() == 1
-    image_metrics = {"image_AUROC": M.image_auroc, "image_AP": M.image_ap, "image_F1max": M.image_f1max}
-    for name, fn in image_metrics.items():
-        values[name] = float(fn(scores, labels)) if both_classes else float("nan")
-    if maps is None:
-        return values
-    pixel_positive = masks.any()
-    values["pixel_AUROC"] = float(M.pixel_auroc(maps, masks)) if pixel_positive else float("nan")
-    values["pixel_AP"] = float(M.pixel_ap(maps, masks)) if pixel_positive else float("nan")
-    values["pixel_AUPRO"] = float(M.aupro(maps, masks)) if pixel_positive else float("nan")
-    if regions is not None:
-        values["pixel_sPRO"] = float(M.spro(maps, regions, saturation, labels == 0)) if pixel_positive else float("nan")
-    return values
-
-
-def compute_metrics_table(results: dict[str, Tensor], records, with_kinds: bool) -> reporting.MetricsTable:
-    """Per-category metrics (all images; and good+logical / good+structural where the data has kinds) and means."""
-    categories = np.array([records[i].category for i in results["indices"].tolist()])
-    kinds = np.array([records[i].anomaly_kind for i in results["indices"].tolist()])
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    subsets = ["all"] + (["logical", "structural"] if with_kinds else [])
-    for category in sorted(set(categories.tolist())):
-        in_category = categories == category
-        for subset in subsets:
-            if subset != "all" and not (in_category & (kinds == subset)).any():
-                continue  # e.g. a texture category with no logical anomalies
-            chosen = in_category & ((kinds == "good") | (kinds == subset) if subset != "all" else True)
-            index = torch.from_numpy(np.flatnonzero(chosen))
-            if index.numel() == 0:
-                continue
-            pixel_ok = bool(results["has_mask"][index].all())
-            rows[(category, subset)] = _subset_metrics(
-                results["scores"][index], results["labels"][index],
-                results["maps"][index] if pixel_ok else None,
-                results["masks"][index] if pixel_ok else None,
-                results["regions"][index] if results["regions"] is not None and pixel_ok else None,
-                results["saturation"][index] if results["saturation"] is not None and pixel_ok else None,
-            )
-    rows.update(reporting.compute_mean_rows(rows))
-    return reporting.MetricsTable(rows=rows)
-
-
-def score_table(results: dict[str, Tensor], records, predicted: Tensor) -> list[dict[str, Any]]:
-    rows = []
-    for index, score, label, guess in zip(results["indices"].tolist(), results["scores"].tolist(),
-                                          results["labels"].tolist(), predicted.tolist()):
-        record = records[index]
-        rows.append({"path": str(record.image_path), "category": record.category, "defect_type": record.defect_type,
-                     "anomaly_kind": record.anomaly_kind, "label": int(label), "score": float(score),
-                     "predicted_label": int(guess)})
-    return rows
-
-
-def _rates(predicted: Tensor, actual: Tensor) -> dict[str, float | None]:
-    """Precision, recall and false-positive rate of boolean predictions (None where undefined)."""
-    predicted, actual = predicted.bool(), actual.bool()
-    true_positive = int((predicted & actual).sum())
-    positive, negative, flagged = int(actual.sum()), int((~actual).sum()), int(predicted.sum())
-    return {"precision": true_positive / flagged if flagged else None,
-            "recall": true_positive / positive if positive else None,
-            "false_positive_rate": (flagged - true_positive) / negative if negative else None}
-
-
-def threshold_report(results: dict[str, Tensor], records, predicted: Tensor, model: AnomalyModel,
-                     target_fpr: float) -> dict[str, Any]:
-    """What the decision threshold (fitted on validation normal images) gives on the test set."""
-    labels = results["labels"]
-    categories = np.array([records[i].category for i in results["indices"].tolist()])
-    report: dict[str, Any] = {
-        "fitted_on": "validation normal images", "target_false_positive_rate": target_fpr,
-        "image_threshold": float(model.image_threshold), "pixel_threshold": float(model.pixel_threshold),
-        "image": _rates(predicted, labels),
-        "per_category": {category: _rates(predicted[torch.from_numpy(categories == category)],
-                                          labels[torch.from_numpy(categories == category)])
-                         for category in sorted(set(categories.tolist()))},
-    }
-    with_mask = results["has_mask"]
-    if bool(with_mask.any()):
-        maps, masks = results["maps"][with_mask], results["masks"][with_mask]
-        report["pixel"] = _rates(model.predicted_mask(maps.to(model.pixel_threshold.device)).cpu().flatten(),
-                                 masks.flatten())
-    return report
-
-
-def display_range(maps: Tensor, max_values: int = 1_000_000) -> tuple[float, float]:
-    """A fixed colour scale for every displayed map: robust 1st..99.9th percentile of all test pixels."""
-    values = maps.flatten()
-    if values.numel() > max_values:
-        generator = torch.Generator().manual_seed(0)
-        values = values[torch.randint(values.numel(), (max_values,), generator=generator)]
-    low, high = torch.quantile(values.float(), torch.tensor([0.01, 0.999])).tolist()
-    return float(low), float(high if high > low else low + 1e-6)

@@ -240,7 +240,7 @@ class PatchCoreModel(AnomalyModel):
     def forward(self, images: Tensor, category_index: Tensor | None = None) -> AnomalyOutput:
         patches = self.patch_features(images)
         batch, count, channels = patches.shape
-        grid = int(math.isqrt(count))
+        grid = math.isqrt(count)
         queries = patches.reshape(batch * count, channels)
         distances, locations = self._search(queries, 1, category_index)
         patch_scores = distances[:, 0].reshape(batch, count)

@@ -506,11 +506,9 @@ def test_image_curves_per_category_have_the_metrics_auroc_and_go_to_a_csv(tmp_pa
 def test_the_maps_show_detections_misses_and_false_alarms_per_category():
     import torch
 
-    from tests.toy_detector import PatchColourDetector
+    from lightning_modules.evaluation import TestEvaluation
 
-    detector = PatchColourDetector(image_size=16)
-    detector.max_maps_per_category = 6  # two of each role
-    detector._display_candidates = {}
+    evaluation = TestEvaluation(max_maps_per_category=6)  # two of each role
     labels = [1, 1, 1, 1, 1, 0, 0, 0, 0]
     scores = torch.tensor([0.9, 0.1, 0.5, 0.8, 0.2, 0.3, 0.95, 0.05, 0.4])
     batch = {"image": torch.rand(9, 3, 16, 16), "mask": torch.zeros(9, 1, 16, 16), "label": torch.tensor(labels),
@@ -518,7 +516,7 @@ def test_the_maps_show_detections_misses_and_false_alarms_per_category():
              "defect_type": ["bad" if label else "good" for label in labels]}
     for start, stop in ((0, 5), (5, 9)):  # two batches
         part = {key: value[start:stop] for key, value in batch.items()}
-        detector._keep_display_candidates(part, torch.rand(stop - start, 16, 16), scores[start:stop])
-    chosen = {(sample.role, round(sample.score, 2)) for sample in detector._gather_display_samples()}
+        evaluation.keep_display_candidates(part, torch.rand(stop - start, 16, 16), scores[start:stop])
+    chosen = {(sample.role, round(sample.score, 2)) for sample in evaluation.gather_display_samples()}
     assert chosen == {("detected", 0.9), ("detected", 0.8), ("missed", 0.1), ("missed", 0.2),
                       ("false alarm", 0.95), ("false alarm", 0.4)}
