@@ -5,12 +5,15 @@ them; ``python train.py --list-detectors`` prints the table; the shared test sui
 lines, configs) are parametrised over ``registered()`` with each entry's ``test_settings``, so a detector is
 tested the moment it is registered and a missing piece (no test settings, a config naming another class, a
 README row) is a failing test. A detector added elsewhere (a plugin, a test's temporary module) calls
-``register`` with its own entry.
+``register`` with its own entry; ``ANOMALY_LAB_DETECTORS=pkg.module[,other.module]`` names such modules so that
+every entry point (train.py and its DDP children, evaluate.py, export.py, the test suites) imports them with the
+registry, with no edit of any file here.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,4 +143,16 @@ register(DetectorEntry(
 ))
 
 
-__all__ = ["DetectorEntry", "detector_table", "import_all", "register", "registered", "unregister"]
+PLUGINS_ENV = "ANOMALY_LAB_DETECTORS"
+
+
+def import_plugins() -> None:
+    """Import the modules named in ``ANOMALY_LAB_DETECTORS`` (comma-separated): each registers its detectors."""
+    for name in filter(None, (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(","))):
+        importlib.import_module(name)
+
+
+import_plugins()
+
+__all__ = ["PLUGINS_ENV", "DetectorEntry", "detector_table", "import_all", "import_plugins", "register", "registered",
+           "unregister"]
