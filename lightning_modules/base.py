@@ -155,7 +155,7 @@ class AnomalyDetector(LightningModule, ABC):
         names = self.model.category_names
         unknown = sorted(set(categories) - set(names))
         if unknown:
-            raise ValueError(f"{type(self).__name__} was fitted on categories {names}; it has nothing for {unknown}")
+            raise ValueError(f"{type(self).__name__} has no category {unknown}: its fitted state knows {names}")
         return torch.tensor([names.index(c) for c in categories], dtype=torch.long, device=self.device)
 
     def forward(self, images: Tensor, **fields: Tensor):
