@@ -127,16 +127,17 @@ class AnomalyDetector(LightningModule, ABC):
     def build_optimizers(self, total_steps: int) -> Any:
         """What ``configure_optimizers`` returns, for a run of ``total_steps`` optimiser steps (gradient-trained
         detectors)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no build_optimizers: "
+                                  "a fit-only detector has no optimiser")
 
     def fit_step(self, batch: dict[str, Any]) -> None:
         """Fit-only detectors: take what the fitted state needs from one batch of training images (no gradients)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is gradient-trained: it has no fit_step (see fit_only)")
 
     def finish_fit(self) -> None:
         """Fit-only detectors: build the fitted state from everything ``fit_step`` kept; runs on every process,
         so it may gather across them (``lightning_modules.distributed``)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is gradient-trained: it has no finish_fit (see fit_only)")
 
     def run_info(self) -> dict[str, Any]:
         """Facts about the run a reader of metrics.json needs (weights used, fitted-statistics status)."""
