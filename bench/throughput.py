@@ -164,8 +164,9 @@ def _cli_value(value: Any) -> str:
 
 def detector_class(config: str | Path) -> type:
     """The LightningModule class named by a config's ``model.class_path`` (ImportError if it is not there)."""
-    with open(config) as handle:
-        class_path = yaml.safe_load(handle)["model"]["class_path"]
+    from lightning_modules.config_files import read_config
+
+    class_path = read_config(config)["model"]["class_path"]
     module_name, class_name = class_path.rsplit(".", 1)
     return getattr(importlib.import_module(module_name), class_name)
 

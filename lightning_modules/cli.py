@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.datamodule import AnomalyDataModule
 from datamodules.validate import DatasetError
 from lightning_modules import registry
+from lightning_modules.config_files import BASES_KEY, ConfigFileError, expand_config_arguments
 from lightning_modules.base import AnomalyDetector, NonFiniteResults, NotCalibrated, TrainingDiverged
 from lightning_modules.progress import PlainProgress, wants_plain_progress
 from lightning_modules.resume import CheckpointError, ResumableCSVLogger, ResumeCheckpoint, read_checkpoint
@@ -211,11 +212,14 @@ class AnomalyCLI(LightningCLI):
             save_config_callback=None,
             auto_configure_optimizers=False,
             trainer_defaults={"use_distributed_sampler": False, "num_sanity_val_steps": 0},
-            args=args,
+            args=expand_config_arguments(self.arguments),
             **kwargs,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(f"--{BASES_KEY}", type=list[str], default=[],
+                            help="The config files a config file stacks on, relative to it (data, detector, paper "
+                                 "setting); the CLI applies them before the file itself (lightning_modules/config_files.py).")
         parser.add_argument("--run.output_root", type=str, default="runs", help="Parent folder of run folders.")
         parser.add_argument("--run.name", type=str | None, default=None,
                             help="Run folder name; default <detector>_<layout>_<categories>.")
@@ -356,8 +360,8 @@ class AnomalyCLI(LightningCLI):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, CheckpointError, TrainingDiverged, NonFiniteResults, NotCalibrated, FileNotFoundError,
-    FittedSettingsMismatch,
+    ConfigError, ConfigFileError, DatasetError, CheckpointError, TrainingDiverged, NonFiniteResults, NotCalibrated,
+    FileNotFoundError, FittedSettingsMismatch,
 )
 DEBUG_ENV = "ANOMALY_LAB_DEBUG"
 

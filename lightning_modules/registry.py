@@ -88,8 +88,8 @@ register(DetectorEntry(
     name="ULSAD", module="lightning_modules.ulsad",
     summary="local feature reconstruction + global autoencoder with attention, one model per category",
     paper="Patra & Ben Taieb, TMLR 2024",
-    configs=("configs/quickstart.yaml", "configs/quickstart_weights_free.yaml", "configs/ulsad/mvtec_ad.yaml",
-             "configs/ulsad/mvtec_loco.yaml", "configs/ulsad/visa.yaml", "configs/ulsad/btad.yaml",
+    configs=("configs/quickstart.yaml", "configs/quickstart_weights_free.yaml", "configs/ulsad/model.yaml",
+             "configs/ulsad/mvtec_ad.yaml", "configs/ulsad/mvtec_loco.yaml", "configs/ulsad/visa.yaml", "configs/ulsad/btad.yaml",
              "configs/ulsad/mpdd.yaml"),
     test_settings={"backbone": "resnet18", "pretrained": False, "frn_hidden_scale": 0.125},
     # Table 3's rows without the tie loss: the global map is an attention distance (scaled_dot_product_attention)
@@ -99,23 +99,24 @@ register(DetectorEntry(
     name="EfficientAD", module="lightning_modules.efficientad",
     summary="PDN student-teacher + autoencoder, one model per category",
     paper="Batzner et al., WACV 2024",
-    configs=("configs/efficientad/quickstart.yaml", "configs/efficientad/mvtec_ad.yaml",
-             "configs/efficientad/mvtec_loco.yaml"),
+    configs=("configs/efficientad/model.yaml", "configs/efficientad/quickstart.yaml",
+             "configs/efficientad/mvtec_ad.yaml", "configs/efficientad/mvtec_loco.yaml"),
     test_settings={"teacher_pretrained": False},
 ))
 register(DetectorEntry(
     name="PUAD", module="lightning_modules.puad",
     summary="EfficientAD (picturable anomalies) plus a feature-space Mahalanobis score (unpicturable ones)",
     paper="LeapMind/PUAD, 2024",
-    configs=("configs/puad/quickstart.yaml", "configs/puad/mvtec_ad.yaml", "configs/puad/mvtec_loco.yaml"),
+    configs=("configs/puad/model.yaml", "configs/puad/quickstart.yaml", "configs/puad/mvtec_ad.yaml",
+             "configs/puad/mvtec_loco.yaml"),
     test_settings={"teacher_pretrained": False},
 ))
 register(DetectorEntry(
     name="OneNIP", module="lightning_modules.onenip",
     summary="one unified model: prompt-guided transformer reconstruction, restoration and a refiner",
     paper="Gao et al., ECCV 2024",
-    configs=("configs/onenip/quickstart.yaml", "configs/onenip/mvtec_ad.yaml", "configs/onenip/visa.yaml",
-             "configs/onenip/btad.yaml"),
+    configs=("configs/onenip/model.yaml", "configs/onenip/quickstart.yaml", "configs/onenip/mvtec_ad.yaml",
+             "configs/onenip/visa.yaml", "configs/onenip/btad.yaml"),
     # a unified detector whose forward picks each image's prompt from its pool (cosine similarity, argmax, gather)
     test_settings={**_LITE0, "hidden_dim": 64, "heads": 4, "ffn_dim": 128, "encoder_layers": 1,
                    "decoder_layers": 1, "prompts_per_category": 2},
@@ -126,7 +127,7 @@ register(DetectorEntry(
     name="CRAD", module="lightning_modules.crad",
     summary="one unified model: features read off learnable continuous grids, fused, refined",
     paper="Lee et al., ECCV 2024",
-    configs=("configs/crad/quickstart.yaml", "configs/crad/mvtec_ad.yaml", "configs/crad/visa.yaml"),
+    configs=("configs/crad/model.yaml", "configs/crad/quickstart.yaml", "configs/crad/mvtec_ad.yaml", "configs/crad/visa.yaml"),
     # grid_sample at learned coordinates (per pixel and per image), MobileNetV3 fusion, refinement, box smoothing
     test_settings={**_LITE0, "blocks": 2, "expansion_ratio": 0.5, "smoothing_size": 13, "score_pool_size": 18},
 ))
@@ -134,8 +135,8 @@ register(DetectorEntry(
     name="PatchCore", module="lightning_modules.patchcore",
     summary="memory bank of normal patch features (k-center coreset), nearest-neighbour scores; no training",
     paper="Roth et al., CVPR 2022",
-    configs=("configs/patchcore/quickstart.yaml", "configs/patchcore/mvtec_ad.yaml", "configs/patchcore/visa.yaml",
-             "configs/patchcore/mvtec_loco.yaml"),
+    configs=("configs/patchcore/model.yaml", "configs/patchcore/quickstart.yaml", "configs/patchcore/mvtec_ad.yaml",
+             "configs/patchcore/visa.yaml", "configs/patchcore/mvtec_loco.yaml"),
     # a bank per category, searched by the category_index input (masked distances), coreset on a projection
     test_settings={**_LITE0, "layers": ["blocks.2", "blocks.4"], "coreset_ratio": 0.25},
     # ... or one float16 bank for all categories, no second input

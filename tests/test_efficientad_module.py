@@ -11,8 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
-
+from lightning_modules.config_files import read_config
 from lightning_modules.efficientad import EfficientAD, PenaltyImages, hard_feature_loss
 from networks.backbones import weights_restored_later
 from networks.efficientad import TEACHER_CHANNELS, PatchDescriptionNetwork, normalize_map
@@ -225,7 +224,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yam
 def test_configs_name_only_real_arguments(config):
     from datamodules.datamodule import AnomalyDataModule
 
-    content = yaml.safe_load(config.read_text())
+    content = read_config(config)
     module_name, class_name = content["model"]["class_path"].rsplit(".", 1)
     detector = getattr(importlib.import_module(module_name), class_name)
     assert detector.__name__ == {"efficientad": "EfficientAD", "puad": "PUAD"}[config.parent.name]
@@ -246,9 +245,9 @@ def test_paper_configs_refuse_to_start_without_the_penalty_images(config, tmp_pa
     args = ["--config", str(config), "--data.layout=mvtec_ad", f"--data.root={mvtec_ad_root}",
             "--data.categories=bottle", f"--run.output_root={tmp_path / 'runs'}", "--wandb.mode=disabled"]
     if config.stem == "quickstart":
-        assert yaml.safe_load(config.read_text())["model"]["init_args"]["penalty_dir"] is None
+        assert read_config(config)["model"]["init_args"]["penalty_dir"] is None
         return
-    assert yaml.safe_load(config.read_text())["model"]["init_args"]["require_penalty"] is True
+    assert read_config(config)["model"]["init_args"]["require_penalty"] is True
     with pytest.raises(ValueError, match=r"penalty_dir is null.*require_penalty=false"):
         train(args)
     # Dropping the term on purpose gets past that check (and stops at the next missing file, the teacher).

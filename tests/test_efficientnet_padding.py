@@ -9,8 +9,7 @@ from __future__ import annotations
 import efficientnet_pytorch
 import pytest
 import torch
-import yaml
-
+from lightning_modules.config_files import read_config
 from networks.backbones import FeatureExtractor, resolve_pretrained_weights
 from networks.efficientnet_padding import StaticPaddedConv2d, native_size, same_padding
 from tests.test_lukemelas_weights import randomise_batchnorm
@@ -109,7 +108,7 @@ def test_the_padding_exists_only_for_the_ports_variants():
                                     "configs/onenip/btad.yaml", "configs/crad/mvtec_ad.yaml", "configs/crad/visa.yaml"])
 def test_paper_configs_use_the_official_padding_and_require_the_official_file(config):
     """Without weights_file a paper config must not fall back to timm's default b4 tag (Noisy Student)."""
-    settings = yaml.safe_load(open(config))["model"]["init_args"]
+    settings = read_config(config)["model"]["init_args"]
     assert settings["backbone_padding"] == "lukemelas" and settings["pretrained"] == "file"
     with pytest.raises(ValueError, match="efficientnet-b4-6ed6700e.pth"):
         resolve_pretrained_weights(settings["backbone"], settings["pretrained"], None)

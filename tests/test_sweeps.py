@@ -22,6 +22,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from lightning_modules.config_files import expand_config_arguments, read_config
 from sweeps import report, run_offline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +213,7 @@ def test_every_parameter_value_parses_with_train_py_parser(sweep_path: Path, cli
     sweep = run_offline.load_sweep(sweep_path)
     config = _config_of(sweep)
     assert (REPO_ROOT / config).is_file(), f"{sweep_path.name} names a missing config {config}"
-    class_path = yaml.safe_load((REPO_ROOT / config).read_text())["model"]["class_path"]
+    class_path = read_config(REPO_ROOT / config)["model"]["class_path"]
     module_file = REPO_ROOT / (class_path.rsplit(".", 1)[0].replace(".", "/") + ".py")
     assert module_file.is_file(), f"{config} names a missing detector module {module_file}"
     candidates = {key: _candidate_values(spec) for key, spec in sweep["parameters"].items()}
@@ -223,7 +224,7 @@ def test_every_parameter_value_parses_with_train_py_parser(sweep_path: Path, cli
     cases += [(point, _wandb_agent_args(point)) for point in _rows({k: v for k, v in agent_differs.items() if v})]
     assert cases, f"{sweep_path.name} has no parameters"
     for point, rendered in cases:
-        parsed = cli_parser.parse_args(["--config", str(REPO_ROOT / config), *rendered])
+        parsed = cli_parser.parse_args(expand_config_arguments(["--config", str(REPO_ROOT / config), *rendered]))
         for key, value in point.items():
             assert _same_value(parsed[key], value), f"{sweep_path.name}: {rendered} gave {key}={parsed[key]!r}"
 
@@ -233,12 +234,13 @@ def test_the_parser_check_rejects_an_unknown_key_and_a_wandb_none(cli_parser):
 
     config = str(REPO_ROOT / "configs/ulsad/mvtec_ad.yaml")
     with pytest.raises(ArgumentError, match="alpha_locall"):
-        cli_parser.parse_args(["--config", config, "--model.init_args.alpha_locall=0.5"])
+        cli_parser.parse_args(expand_config_arguments(["--config", config, "--model.init_args.alpha_locall=0.5"]))
     # Why the YAMLs hold no null: the agent's `None` is not null to the CLI, ours is.
     key = "model.init_args.lambda_attn_cos"
     with pytest.raises(ArgumentError, match="lambda_attn_cos"):
-        cli_parser.parse_args(["--config", config, *_wandb_agent_args({key: None})])
-    assert cli_parser.parse_args(["--config", config, *run_offline.render_args({key: None})])[key] is None
+        cli_parser.parse_args(expand_config_arguments(["--config", config, *_wandb_agent_args({key: None})]))
+    arguments = expand_config_arguments(["--config", config, *run_offline.render_args({key: None})])
+    assert cli_parser.parse_args(arguments)[key] is None
 
 
 def test_representative_sweep_point_passes_train_py_print_config(print_config_run):
